@@ -1,0 +1,156 @@
+"""The base config: every field diffax reads, with its default.
+
+Experiment configs start from `get_config()` here and change what they need.
+Every field can be overridden on the command line, e.g.
+`--config.training.batch_size=64`. The defaults train a small UNet on
+scikit-learn's bundled 8x8 digits (padded to 16x16): no download needed.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # Input (diffax/data). name: digits | toy2d:NAME | folder:PATH | npz:PATH | tfds:NAME[/CONFIG]
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "digits"
+    d.split = "train"
+    d.data_dir = ""  # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
+    d.image_size = 16  # square side after resize / centre crop / pad
+    d.resize = "pad"  # how an image reaches image_size: pad | resize (resize then centre crop)
+    d.channels = 1  # 1 = grayscale, 3 = RGB
+    d.random_flip = False  # random horizontal flip
+    d.dequantize = False  # uniform dequantisation noise before scaling
+    d.conditional = False  # pass class labels to the model
+    d.num_classes = 10  # used when conditional
+    d.labels_from_folders = False  # folder: source: labels from sub-folder names
+    d.skip_bad = False  # skip unreadable images instead of failing (counted in the log)
+    d.num_workers = 0  # Grain worker processes (0 = in the main process)
+    d.prefetch = 2  # batches prefetched per worker
+    d.shuffle = True
+    d.num_points = 0  # toy2d: dataset size; 0 = endless stream
+    d.read_threads = 4  # threads per process (and per worker) reading + decoding examples (Grain ReadOptions)
+    d.image_key = "image"  # tfds: / npz: feature or array holding the images
+    d.label_key = "label"  # tfds: / npz: feature or array holding class labels (absent -> label 0)
+
+    # Denoiser network (diffax/models). name: unet | dit | mlp
+    c.model = m = ml_collections.ConfigDict()
+    m.name = "unet"
+    m.channels = 32  # UNet base channels
+    m.channel_mult = (1, 2)
+    m.num_res_blocks = 1
+    m.attention_resolutions = (8,)  # feature-map sides that get self-attention
+    m.num_heads = 1
+    m.head_channels = -1  # ADM: channels per head instead of num_heads when > 0
+    m.dropout = 0.0
+    m.resblock_updown = False  # ADM / BigGAN up/down-sampling residual blocks
+    m.scale_shift_norm = False  # ADM adaptive group norm
+    m.norm_groups = 8
+    m.learn_sigma = False  # also output the interpolation of the DDPM variances
+    m.embedding = "sinusoidal"  # noise-level embedding: sinusoidal | fourier
+    m.dtype = "float32"  # activations (bfloat16 on accelerators); diffusion math stays float32
+    m.param_dtype = "float32"
+    m.remat = False  # rematerialise residual blocks to save memory
+    # DiT
+    m.patch_size = 2
+    m.hidden_size = 384
+    m.depth = 12
+    m.mlp_ratio = 4.0
+    m.preset = ""  # e.g. "S/2", "B/4", "XL/2" sets hidden_size, depth, heads, patch_size
+    # MLP (2-D toy data)
+    m.hidden = 256
+    m.layers = 4
+
+    # Diffusion math (diffax/schedules.py, parameterization.py, objectives.py)
+    c.diffusion = df = ml_collections.ConfigDict()
+    df.schedule = "cosine"  # linear scaled_linear cosine shifted_cosine sigmoid vp subvp ve edm learned
+    df.num_steps = 0  # > 0: discrete DDPM schedule with this many steps; 0: continuous time
+    df.zero_terminal_snr = False  # rescale a VP schedule to zero terminal SNR (Lin et al. 2024)
+    df.prediction = "eps"  # eps x0 v score edm
+    df.weighting = "simple"  # simple x0 v snr min_snr soft_min_snr sigmoid edm elbo
+    df.time_sampling = "uniform"  # uniform discrete antithetic lognormal logsnr_uniform
+    df.min_snr_gamma = 5.0
+    df.sigmoid_bias = -2.0  # sigmoid weighting (Kingma & Gao 2023)
+    df.sigma_data = 0.5  # EDM
+    df.p_mean = -1.2  # EDM log-normal sigma sampling
+    df.p_std = 1.2
+    df.sigma_min = 0.002  # EDM / VE noise range
+    df.sigma_max = 80.0
+    df.beta_min = 0.1  # VP / sub-VP SDE
+    df.beta_max = 20.0
+    df.shift_resolution = 64  # shifted cosine: base resolution the shift is relative to
+    df.logsnr_min = -15.0  # logsnr_uniform time sampling and learned-schedule endpoints
+    df.logsnr_max = 15.0
+    df.label_dropout = 0.0  # drop labels for classifier-free guidance (Ho & Salimans 2022)
+    df.clip_x0 = False  # clip predicted x0 to [-1, 1] when sampling
+    df.dynamic_threshold = 0.0  # percentile for dynamic thresholding (Saharia et al. 2022); 0 = off
+
+    # Optimisation (diffax/training)
+    c.optimizer = o = ml_collections.ConfigDict()
+    o.name = "adam"  # adam | adamw
+    o.learning_rate = 2e-3
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.weight_decay = 0.0  # adamw only
+    o.warmup_steps = 100
+    o.decay = "constant"  # after warm-up: constant | cosine
+    o.grad_clip = 1.0  # global-norm clipping; 0 = off
+
+    c.training = t = ml_collections.ConfigDict()
+    t.num_steps = 3000
+    t.batch_size = 128  # global batch, split over the data axis of the mesh
+    t.steps_per_dispatch = 1  # optimizer steps per jitted call (lax.scan)
+    t.ema_decay = 0.999
+    t.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) as diffusers / k-diffusion
+    t.log_every = 100
+    t.checkpoint_every = 1000
+    t.keep_checkpoints = 3
+    t.sample_every = 1000  # write a sample grid every N steps (and at the end); 0 = only at the end
+    t.nan_policy = "stop"  # stop | skip: a non-finite loss stops training, or the step is skipped
+    t.progress_bar = True
+
+    # Sampling (diffax/samplers): during training and for `diffax sample`
+    c.sampling = s = ml_collections.ConfigDict()
+    s.sampler = "ddim"  # ddpm ddim euler heun dpm_solver pc ode
+    s.steps = 50
+    s.num_samples = 64  # images in the grid written during training
+    s.batch_size = 256  # chunk size when drawing many samples
+    s.use_ema = True
+    s.eta = 0.0  # DDIM
+    s.spacing = "trailing"  # DDIM / DDPM timestep spacing: leading | trailing | linspace
+    s.steps_offset = 0  # added to leading spacing (diffusers' steps_offset)
+    s.final_alpha_one = True  # DDIM: the last step goes to alpha = 1 (diffusers' set_alpha_to_one)
+    s.variance = "small"  # DDPM: small | large | learned
+    s.rho = 7.0  # EDM sigma grid
+    s.churn = 0.0  # EDM S_churn
+    s.s_tmin = 0.0
+    s.s_tmax = float("inf")
+    s.s_noise = 1.0
+    s.order = 2  # DPM-Solver++ multistep order (2 or 3)
+    s.solver_type = "ode"  # DPM-Solver++: ode | sde
+    s.predictor = "reverse_diffusion"  # pc: reverse_diffusion | euler_maruyama
+    s.corrector_steps = 1
+    s.snr = 0.16  # pc Langevin corrector
+    s.ode_rtol = 1e-5
+    s.ode_atol = 1e-5
+    s.guidance_scale = 1.0  # classifier-free guidance; 1 = none
+    s.guidance_interval = (0.0, 1.0)  # apply guidance only for t in this interval
+
+    # Devices: mesh axes; -1 takes all remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.fsdp_min_size = 2**18  # only weights with at least this many elements are sharded
+
+    # Evaluation (diffax/evaluation)
+    c.eval = e = ml_collections.ConfigDict()
+    e.num_samples = 1000
+    e.batch_size = 250
+    e.inception_weights = ""  # path; "" = $DIFFAX_INCEPTION_WEIGHTS
+    e.reference_stats = ""  # .npz with mu, sigma; "" = <workdir>/eval/reference_stats.npz
+    e.metrics = ("fid", "kid", "is")
+    e.kid_subsets = 100
+    e.kid_subset_size = 1000
+    return c

@@ -1,0 +1,5 @@
+"""`python -m diffax ...` is the same as the `diffax` command."""
+from diffax.cli import run
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,95 @@
+"""The train step: loss, gradients, optimizer update, EMA; jitted once with shardings.
+
+Several optimizer steps can run in one dispatch (`steps_per_dispatch` > 1):
+the batches arrive stacked on a leading axis and `lax.scan` runs the steps.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffax import objectives
+from diffax.training.build import Diffusion
+from diffax.training.state import TrainState, ema_decay, update_ema
+
+
+def init_state(diffusion: Diffusion, tx: optax.GradientTransformation) -> TrainState:
+    params = diffusion.params
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema=jax.tree.map(jnp.copy, params),
+        opt_state=tx.init(params),
+        first_bad_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+    """The random key of an optimizer step: a function of (seed, step) only."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def make_train_step(
+    diffusion: Diffusion,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    config: Any,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """One optimizer step (or `steps_per_dispatch` of them) as a pure function."""
+    t = config.training
+    loss_fn = objectives.make_loss_fn(
+        config.diffusion,
+        diffusion.parameterization,
+        num_classes=diffusion.num_classes,
+        learn_sigma=bool(config.model.learn_sigma),
+    )
+    stop_on_bad = t.nan_policy == "stop"
+    if t.nan_policy not in ("stop", "skip"):
+        raise ValueError(f"config.training.nan_policy={t.nan_policy!r}: use 'stop' or 'skip'.")
+
+    def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        noise_key, dropout_key = jax.random.split(step_key(config.seed, state.step))
+        labels = batch.get("label") if diffusion.num_classes else None
+
+        def loss(params):
+            apply = diffusion.apply_fn(params, dropout_key)
+            per_example, aux = loss_fn(apply, diffusion.schedule(params), batch["image"], noise_key, labels)
+            return jnp.mean(per_example), aux
+
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = update_ema(state.ema, params, ema_decay(state.step, t.ema_decay, t.ema_warmup))
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        frozen = stop_on_bad & (state.first_bad_step >= 0)
+        keep = finite & ~frozen  # apply this update?
+        choose = lambda new, old: jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=choose(params, state.params),
+            ema=choose(ema, state.ema),
+            opt_state=choose(opt_state, state.opt_state),
+            first_bad_step=jnp.where(~finite & (state.first_bad_step < 0), state.step, state.first_bad_step),
+        )
+        metrics = {
+            "loss": value,
+            "grad_norm": grad_norm,
+            "learning_rate": lr_schedule(state.step),
+            "skipped": (~keep).astype(jnp.float32),
+            **{k: jnp.mean(v) for k, v in aux.items()},
+        }
+        return new_state, metrics
+
+    if t.steps_per_dispatch == 1:
+        return one_step
+
+    def many_steps(state: TrainState, batches: dict) -> tuple[TrainState, dict]:
+        state, metrics = jax.lax.scan(one_step, state, batches)
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return many_steps
