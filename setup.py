@@ -17,6 +17,7 @@ setuptools.setup(
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.9",
         "array-record>=0.8",
+        "importlib-resources>=6",  # TFDS builders need it to prepare a dataset
         "ml-collections>=1.0",
         "einops>=0.8",
         "absl-py>=2.1",

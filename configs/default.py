@@ -52,6 +52,14 @@ def get_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # activations (bfloat16 on accelerators); diffusion math stays float32
     m.param_dtype = "float32"
     m.remat = False  # rematerialise residual blocks to save memory
+    m.norm_eps = 1e-6  # GroupNorm epsilon (DDPM's TF code 1e-6; PyTorch / ADM / diffusers default 1e-5)
+    m.up_attention_resolutions = None  # sides with attention in the up path; None = attention_resolutions
+    m.mid_attention = True  # self-attention between the two middle residual blocks
+    m.downsample_padding = 1  # stride-2 conv padding: 1 = one pixel each side; 0 = bottom/right only (TF 'SAME', DDPM)
+    m.flip_sin_to_cos = False  # sinusoidal embedding order: False [sin, cos] (DDPM), True [cos, sin] (ADM, DiT)
+    m.freq_shift = 1.0  # frequencies 10000^(-i / (dim/2 - freq_shift)): 1 DDPM, 0 ADM / DiT (diffusers' freq_shift)
+    m.fourier_scale = 16.0  # std of the Gaussian Fourier features when embedding = fourier (NCSN++)
+    m.conv_impl = "xla"  # xla | matmul: matmul computes conv kernel gradients as matmuls (faster on XLA:CPU)
     # DiT
     m.patch_size = 2
     m.hidden_size = 384
@@ -75,8 +83,13 @@ def get_config() -> ml_collections.ConfigDict:
     df.sigma_data = 0.5  # EDM
     df.p_mean = -1.2  # EDM log-normal sigma sampling
     df.p_std = 1.2
-    df.sigma_min = 0.002  # EDM / VE noise range
+    df.sigma_min = 0.002  # EDM noise range (schedule=edm; EDM preconditioning uses sigma_data)
     df.sigma_max = 80.0
+    df.ve_sigma_min = 0.01  # VE / NCSN geometric sigma range (schedule=ve; Song et al. 2021)
+    df.ve_sigma_max = 50.0
+    df.sigmoid_start = -3.0  # sigmoid schedule (Chen 2023, Algorithm 1): start, end, temperature tau
+    df.sigmoid_end = 3.0
+    df.sigmoid_tau = 1.0
     df.beta_min = 0.1  # VP / sub-VP SDE
     df.beta_max = 20.0
     df.shift_resolution = 64  # shifted cosine: base resolution the shift is relative to
@@ -135,6 +148,7 @@ def get_config() -> ml_collections.ConfigDict:
     s.snr = 0.16  # pc Langevin corrector
     s.ode_rtol = 1e-5
     s.ode_atol = 1e-5
+    s.ode_solver = "tsit5"  # ode sampler (samplers): diffrax adaptive solver tsit5 | dopri5 | dopri8 | bosh3
     s.guidance_scale = 1.0  # classifier-free guidance; 1 = none
     s.guidance_interval = (0.0, 1.0)  # apply guidance only for t in this interval
 
@@ -153,4 +167,8 @@ def get_config() -> ml_collections.ConfigDict:
     e.metrics = ("fid", "kid", "is")
     e.kid_subsets = 100
     e.kid_subset_size = 1000
+    e.kid_reference_features = 10000  # feature rows kept in reference stats files for KID (random subset)
+    e.is_splits = 10  # Inception Score splits (Salimans et al. 2016)
+    e.watch_interval = 60.0  # --watch: seconds between polls for new checkpoints
+    e.watch_timeout = 0.0  # --watch: give up after this many seconds without a new checkpoint; 0 = never
     return c

@@ -23,8 +23,10 @@ class Command:
     name: str
     summary: str
     define: Callable[[flags.FlagValues], None]
-    main: Callable[[flags.FlagValues], None]
-    config_required: bool = True
+    main: Callable[[flags.FlagValues, list[str]], None]  # (flags, positional arguments)
+    required: tuple[str, ...] = ()  # flags that must be given
+    positional: str = ""  # e.g. "SRC DST"; empty: no positional arguments
+    distributed: bool = True  # join a multi-host job (not for commands that only launch others)
 
 
 def _config_flag(fv: flags.FlagValues, required: bool) -> None:
@@ -45,7 +47,7 @@ def _define_train(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("force", False, "Resume even if the workdir's run has a different config (the old config is kept).", flag_values=fv)
 
 
-def _train(fv: flags.FlagValues) -> None:
+def _train(fv: flags.FlagValues, args: list[str]) -> None:
     from diffax.training import trainer
 
     trainer.train(fv.config, fv.workdir, force=fv.force)
@@ -65,16 +67,14 @@ def _define_sample(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("ema", True, "Use the EMA weights (--noema for the raw weights).", flag_values=fv)
 
 
-def _sample(fv: flags.FlagValues) -> None:
+def _sample(fv: flags.FlagValues, args: list[str]) -> None:
     import numpy as np
 
     from diffax import configuration
     from diffax.training import inference
     from diffax.visualize import image_grid, save_png, save_scatter
 
-    config = fv.config
-    if config is None:
-        config = configuration.load(os.path.join(fv.workdir, "config.json"))
+    config = _config_or_workdirs(fv)
     with config.unlocked():
         if fv.sampler is not None:
             config.sampling.sampler = fv.sampler
@@ -98,15 +98,95 @@ def _sample(fv: flags.FlagValues) -> None:
           f"in {fv.output}/samples.npz and {grid}")
 
 
+# ----------------------------------------------------------------------------- eval, stats, convert-inception
+def _define_eval(fv: flags.FlagValues) -> None:
+    _config_flag(fv, False)
+    flags.DEFINE_string("workdir", None, "The run whose checkpoints to evaluate; results go to <workdir>/eval/.", flag_values=fv)
+    flags.DEFINE_enum("checkpoints", "all", ["all", "latest"], "Which checkpoints: all of them or the latest.", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Evaluate only the checkpoint at this step.", flag_values=fv)
+    flags.DEFINE_bool("watch", False, "Keep waiting for new checkpoints until the run's last step is evaluated.", flag_values=fv)
+
+
+def _eval(fv: flags.FlagValues, args: list[str]) -> None:
+    from diffax.evaluation import job
+
+    records = job.run_eval(_config_or_workdirs(fv), fv.workdir, step=fv.step, mode=fv.checkpoints, watch=fv.watch)
+    print(f"evaluated {len(records)} checkpoint(s); results in {os.path.join(fv.workdir, 'eval', 'results.jsonl')}")
+
+
+def _define_stats(fv: flags.FlagValues) -> None:
+    _config_flag(fv, True)
+    flags.DEFINE_string("output", None, "The .npz to write (keys mu, sigma), e.g. stats/cifar10_train.npz.", flag_values=fv)
+
+
+def _stats(fv: flags.FlagValues, args: list[str]) -> None:
+    from diffax.evaluation import job
+
+    job.compute_reference_stats(fv.config, fv.output)
+    print(f"reference statistics of {fv.config.data.name} in {fv.output}")
+
+
+def _convert_inception(fv: flags.FlagValues, args: list[str]) -> None:
+    from diffax.evaluation import convert
+
+    convert.main(args)
+
+
+def _define_prepare(fv: flags.FlagValues) -> None:
+    _config_flag(fv, True)
+
+
+def _prepare(fv: flags.FlagValues, args: list[str]) -> None:
+    from diffax import data
+
+    data.prepare(fv.config)
+
+
+def _define_nothing(fv: flags.FlagValues) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------- sweep
+def _define_sweep(fv: flags.FlagValues) -> None:
+    from diffax import sweep
+
+    sweep.define_flags(fv)
+
+
+def _sweep(fv: flags.FlagValues, args: list[str]) -> None:
+    from diffax import sweep
+
+    sweep.main(fv)
+
+
+def _config_or_workdirs(fv: flags.FlagValues):
+    """--config when given, else the config.json the run wrote in --workdir."""
+    from diffax import configuration
+
+    if fv.config is not None:
+        return fv.config
+    return configuration.load(os.path.join(fv.workdir, "config.json"))
+
+
 COMMANDS = {
     c.name: c
     for c in [
-        Command("train", "Train the model of a config (resumes the workdir's run).", _define_train, _train),
-        Command("sample", "Draw samples from a run's checkpoint.", _define_sample, _sample, config_required=False),
+        Command("train", "Train the model of a config (resumes the workdir's run).", _define_train, _train,
+                required=("config", "workdir")),
+        Command("sample", "Draw samples from a run's checkpoint.", _define_sample, _sample,
+                required=("workdir", "output")),
+        Command("eval", "Evaluate a run's checkpoints: FID, KID, IS (or a digits feature distance offline).",
+                _define_eval, _eval, required=("workdir",)),
+        Command("stats", "Compute the reference statistics (mu, sigma) of a config's dataset.", _define_stats, _stats,
+                required=("config", "output")),
+        Command("prepare-data", "Build the TFDS dataset a config names (needs TensorFlow and the network, once).",
+                _define_prepare, _prepare, required=("config",), distributed=False),
+        Command("convert-inception", "Convert pytorch-fid's Inception weights (.pth) to diffax's .npz (needs torch).",
+                _define_nothing, _convert_inception, positional="SRC.pth DST.npz", distributed=False),
+        Command("sweep", "Run the trials of a config's get_sweep() and report them.", _define_sweep, _sweep,
+                required=("config", "workdir"), distributed=False),
     ]
 }
-
-REQUIRED = {"train": ("config", "workdir"), "sample": ("workdir", "output")}
 
 
 def usage() -> str:
@@ -153,14 +233,16 @@ def _override_error(command: Command, argv: list[str]) -> str | None:
 
 def _add_config_root(args: list[str]) -> None:
     """Make `from configs import default` work in a config file wherever diffax runs from:
-    the folder holding the config's `configs/` package goes on sys.path."""
+    the nearest folder above the config file that holds `configs/` goes on sys.path."""
     for i, arg in enumerate(args):
         value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
             args[i + 1] if arg == "--config" and i + 1 < len(args) else None)
         if value:
-            root = os.path.dirname(os.path.dirname(os.path.abspath(value.split(":", 1)[0])))
-            if root not in sys.path:
-                sys.path.insert(0, root)
+            folder = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
+            while not os.path.isdir(os.path.join(folder, "configs")) and os.path.dirname(folder) != folder:
+                folder = os.path.dirname(folder)  # experiments/x/config.py imports configs/ from the repo root
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -182,23 +264,26 @@ def run(argv: list[str] | None = None) -> None:
     command.define(fv)
     args = argv[2:]
     if "--help" in args or "-h" in args or "--helpfull" in args:
-        print(f"usage: {PROG} {name} [--flags]\n\n{command.summary}\n\nflags:\n{fv.get_help(include_special_flags=False)}\n")
+        print(f"usage: {PROG} {name} {command.positional + ' ' if command.positional else ''}[--flags]\n\n{command.summary}\n\nflags:\n{fv.get_help(include_special_flags=False)}\n")
         return
     _add_config_root(args)
     try:
-        fv([f"{PROG} {name}"] + args)
+        positional = fv([f"{PROG} {name}"] + args)[1:]
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         _fail((_override_error(command, [f"{PROG} {name}"] + args) or str(e)) + f"\nSee '{PROG} {name} --help'.")
-    missing = [f"--{f}" for f in REQUIRED.get(name, ()) if getattr(fv, f) is None]
+    missing = [f"--{f}" for f in command.required if getattr(fv, f) is None]
     if missing:
         _fail(f"{name} needs {', '.join(missing)}. See '{PROG} {name} --help'.")
+    if len(positional) != len(command.positional.split()):
+        _fail(f"usage: {PROG} {name} {command.positional} [--flags]; got arguments {positional}.".replace("  ", " "))
 
     logging.set_verbosity(logging.INFO if os.environ.get("DIFFAX_VERBOSE") else logging.WARNING)
-    from diffax import parallel
+    if command.distributed:
+        from diffax import parallel
 
-    parallel.initialize_distributed()
+        parallel.initialize_distributed()
     try:
-        command.main(fv)
+        command.main(fv, positional)
     except KeyboardInterrupt:
         _fail("interrupted; the workdir can be resumed from its latest checkpoint.", 130)
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -29,8 +30,11 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def save(config: ml_collections.ConfigDict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    """Write atomically, so another process never reads a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def _tuples(x: Any) -> Any:

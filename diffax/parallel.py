@@ -18,8 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
-# Environment variables for starting several processes by hand (GPU clusters,
-# or several processes on one machine). On TPU VMs and SLURM, jax finds these itself.
+# Environment variables for starting several processes by hand (GPU clusters, SLURM,
+# or several processes on one machine). On a TPU pod slice jax finds its peers itself.
 _ENV_COORDINATOR = "DIFFAX_COORDINATOR_ADDRESS"
 _ENV_NUM_PROCESSES = "DIFFAX_NUM_PROCESSES"
 _ENV_PROCESS_ID = "DIFFAX_PROCESS_ID"
@@ -77,9 +77,9 @@ def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
     return Mesh(grid, BATCH_AXES)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Shard the leading (batch) axis over every device of the mesh."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Shard the leading (batch) axis over every device of the mesh (arrays of any rank)."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

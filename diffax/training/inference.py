@@ -22,8 +22,7 @@ from diffax.training.step import init_state
 
 def make_sample_fn(diffusion: Diffusion, config: Any, mesh: Any, param_shardings: Any) -> Callable:
     """A jitted sample_fn(params, noise, key, labels) -> samples, its batch sharded over the mesh."""
-    batch = parallel.batch_sharding(mesh, 1 + len(diffusion.data_shape))
-    labels_sharding = parallel.batch_sharding(mesh, 1)
+    batch = parallel.batch_sharding(mesh)
 
     def sample(params, noise, key, labels):
         return samplers.sample(
@@ -39,7 +38,7 @@ def make_sample_fn(diffusion: Diffusion, config: Any, mesh: Any, param_shardings
 
     return jax.jit(
         sample,
-        in_shardings=(param_shardings, batch, parallel.replicated(mesh), labels_sharding),
+        in_shardings=(param_shardings, batch, parallel.replicated(mesh), batch),
         out_shardings=batch,
     )
 
@@ -62,17 +61,18 @@ def draw(
     progress: bool = True,
     noise: np.ndarray | None = None,
     labels: np.ndarray | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Draw `num_samples` in chunks of config.sampling.batch_size (see samplers.draw_samples)."""
+    """Draw `num_samples` in chunks of `batch_size` (default config.sampling.batch_size); see samplers.draw_samples."""
     if labels is None:
         labels = default_labels(num_samples, num_classes)
     return samplers.draw_samples(
         functools.partial(sample_fn, params),
         num_samples,
-        int(config.sampling.batch_size),
+        int(batch_size or config.sampling.batch_size),
         shape,
         seed,
-        sharding=parallel.batch_sharding(mesh, 1 + len(shape)),
+        sharding=parallel.batch_sharding(mesh),
         labels=labels,
         noise=noise,
         progress=progress,

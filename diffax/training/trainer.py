@@ -99,7 +99,8 @@ class _Sampler:
         self.num_classes = diffusion.num_classes
         self.shape = diffusion.data_shape
         self.reference = None  # data points for 2-D scatter plots
-        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
 
     def __call__(self, step: int, state: TrainState) -> str:
         s = self.config.sampling
@@ -107,11 +108,13 @@ class _Sampler:
         out = inference.draw(self.sample, params, self.config, self.mesh, self.shape, self.num_classes,
                              num_samples=s.num_samples, seed=self.config.seed, progress=False)
         path = os.path.join(self.workdir, "samples", f"step_{step:08d}.png")
+        if jax.process_index() != 0:  # every process samples its share; process 0 draws the picture
+            return path
         if len(self.shape) == 1:  # 2-D toy data: samples over data
             if self.reference is None:
                 it = data.make_iterator(self.config, process_index=0, process_count=1)
                 self.reference = np.concatenate([np.asarray(next(it)["image"]) for _ in range(4)])
-            picture = save_scatter(out["samples"], self.reference, path, title=f"step {step}")
+            picture = save_scatter(out["images"], self.reference, path, title=f"step {step}")
         else:
             picture = image_grid(out["images"])
             save_png(picture, path, scale=max(1, 128 // self.shape[0]))
@@ -135,7 +138,7 @@ def train(config: Any, workdir: str, *, force: bool = False) -> dict[str, float]
     abstract = jax.eval_shape(lambda: init_state(diffusion, tx))
     state_shardings = parallel.param_sharding(mesh, abstract, config.mesh.fsdp_min_size)
     state = jax.device_put(init_state(diffusion, tx), state_shardings)
-    batch_sharding = parallel.batch_sharding(mesh, 1 + len(diffusion.data_shape))
+    batch_sharding = parallel.batch_sharding(mesh)
     iterator = data.make_iterator(config, sharding=batch_sharding)
 
     ckpt = checkpoint.Checkpointer(workdir, t.keep_checkpoints)
@@ -169,7 +172,8 @@ def train(config: Any, workdir: str, *, force: bool = False) -> dict[str, float]
     if is_main and t.progress_bar and step < t.num_steps:
         from tqdm import tqdm
 
-        progress = tqdm(total=t.num_steps, initial=step, unit="step", dynamic_ncols=True, leave=False)
+        progress = tqdm(total=t.num_steps, initial=step, unit="step", dynamic_ncols=True, leave=False,
+                        disable=None, mininterval=1.0)  # disable=None: only on a terminal
 
     last: dict[str, float] = {}
     window = {"loss": 0.0, "steps": 0, "data_wait": 0.0, "start": time.perf_counter()}
