@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.flip_sin_to_cos = False  # sinusoidal embedding order: False [sin, cos] (DDPM), True [cos, sin] (ADM, DiT)
     m.freq_shift = 1.0  # frequencies 10000^(-i / (dim/2 - freq_shift)): 1 DDPM, 0 ADM / DiT (diffusers' freq_shift)
     m.fourier_scale = 16.0  # std of the Gaussian Fourier features when embedding = fourier (NCSN++)
-    m.conv_impl = "xla"  # xla | matmul: matmul computes conv kernel gradients as matmuls (faster on XLA:CPU)
+    m.conv_impl = "xla"  # xla | rows: rows computes conv kernel gradients as 1-D row convolutions (faster on XLA:CPU)
     # DiT
     m.patch_size = 2
     m.hidden_size = 384
@@ -72,8 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Diffusion math (diffax/schedules.py, parameterization.py, objectives.py)
     c.diffusion = df = ml_collections.ConfigDict()
-    df.schedule = "cosine"  # linear scaled_linear cosine shifted_cosine sigmoid vp subvp ve edm learned
-    df.num_steps = 0  # > 0: discrete DDPM schedule with this many steps; 0: continuous time
+    df.schedule = "linear"  # linear scaled_linear cosine shifted_cosine sigmoid vp subvp ve edm learned
+    df.num_steps = 1000  # > 0: discrete DDPM schedule with this many steps; 0: continuous time
     df.zero_terminal_snr = False  # rescale a VP schedule to zero terminal SNR (Lin et al. 2024)
     df.prediction = "eps"  # eps x0 v score edm
     df.weighting = "simple"  # simple x0 v snr min_snr soft_min_snr sigmoid edm elbo

@@ -34,6 +34,7 @@ def make_sample_fn(diffusion: Diffusion, config: Any, mesh: Any, param_shardings
             noise,
             key,
             labels,
+            null_label=diffusion.null_label,
         )
 
     return jax.jit(
