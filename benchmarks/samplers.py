@@ -38,17 +38,20 @@ def _time(fn, *args) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
-def efficiency_rounds(net, net_args, sampler, sampler_args, nfe: int, repeats: int) -> dict:
+def efficiency_rounds(net, net_args, sampler, sampler_args, nfe: int, repeats: int, evals_per_call: int = 1,
+                      net_calls: int = 5) -> dict:
     """Interleaved rounds (so a shared machine's load drifts hit both timings alike): each round times
-    one network evaluation (median of 5 calls) then the sampler once, by the wall clock and by this
-    process's CPU time (immune to other users of a shared CPU; meaningful on CPU only, best with
-    single-threaded XLA); medians over rounds."""
+    one network evaluation (median of `net_calls` calls) then the sampler once, by the wall clock and by
+    this process's CPU time (immune to other users of a shared CPU; meaningful on CPU only, best with
+    single-threaded XLA); medians over rounds. `net` may run `evals_per_call` chained evaluations in
+    one program (benchmarks/run.py does, so that per-call dispatch does not count as network time)."""
     jax.block_until_ready(net(*net_args))  # warm-up and compile
     jax.block_until_ready(sampler(*sampler_args))
     out = {k: [] for k in ("nfe_time_s", "time_s", "efficiency", "nfe_cpu_s", "cpu_s", "efficiency_cpu")}
     for _ in range(repeats):
-        nets = [_time(net, *net_args) for _ in range(5)]
-        t_net, c_net = statistics.median(w for w, _ in nets), statistics.median(c for _, c in nets)
+        nets = [_time(net, *net_args) for _ in range(net_calls)]
+        t_net = statistics.median(w for w, _ in nets) / evals_per_call
+        c_net = statistics.median(c for _, c in nets) / evals_per_call
         t_s, c_s = _time(sampler, *sampler_args)
         for k, v in zip(out, (t_net, t_s, nfe * t_net / t_s, c_net, c_s, nfe * c_net / c_s)):
             out[k].append(v)

@@ -42,7 +42,7 @@ def _config_flag(fv: flags.FlagValues, required: bool) -> None:
 
 # ----------------------------------------------------------------------------- train
 def _define_train(fv: flags.FlagValues) -> None:
-    _config_flag(fv, True)
+    _config_flag(fv, False)
     flags.DEFINE_string("workdir", None, "Run folder: config, checkpoints, logs and samples. Resumed if it holds a run.", flag_values=fv)
     flags.DEFINE_bool("force", False, "Resume even if the workdir's run has a different config (the old config is kept).", flag_values=fv)
 
@@ -50,7 +50,7 @@ def _define_train(fv: flags.FlagValues) -> None:
 def _train(fv: flags.FlagValues, args: list[str]) -> None:
     from diffax.training import trainer
 
-    trainer.train(fv.config, fv.workdir, force=fv.force)
+    trainer.train(_config_or_workdirs(fv), fv.workdir, force=fv.force)
 
 
 # ----------------------------------------------------------------------------- sample
@@ -146,6 +146,24 @@ def _define_nothing(fv: flags.FlagValues) -> None:
     pass
 
 
+# ----------------------------------------------------------------------------- import-diffusers
+def _define_import(fv: flags.FlagValues) -> None:
+    _config_flag(fv, False)
+    flags.DEFINE_string("src", None, "A diffusers pipeline folder (unet/, scheduler/) or a UNet2DModel folder "
+                        "(config.json + diffusion_pytorch_model.safetensors).", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "The new run folder: config.json and a step-0 checkpoint.", flag_values=fv)
+
+
+def _import_diffusers(fv: flags.FlagValues, args: list[str]) -> None:
+    from diffax.training import importing
+
+    base = fv.config if fv.config is not None else _default_config()
+    config = importing.import_diffusers(fv.src, fv.workdir, base)
+    print(f"imported {fv.src} into {fv.workdir} (step 0; {config.diffusion.schedule} schedule, "
+          f"{config.diffusion.prediction} prediction). Sample: diffax sample --workdir {fv.workdir} --output DIR; "
+          f"fine-tune: diffax train --workdir {fv.workdir}")
+
+
 # ----------------------------------------------------------------------------- sweep
 def _define_sweep(fv: flags.FlagValues) -> None:
     from diffax import sweep
@@ -157,6 +175,19 @@ def _sweep(fv: flags.FlagValues, args: list[str]) -> None:
     from diffax import sweep
 
     sweep.main(fv)
+
+
+def _default_config():
+    """configs/default.py of the diffax checkout (the editable install's repo)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No {path}: pass --config with a base config file.")
+    spec = importlib.util.spec_from_file_location("diffax_default_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _config_or_workdirs(fv: flags.FlagValues):
@@ -172,7 +203,7 @@ COMMANDS = {
     c.name: c
     for c in [
         Command("train", "Train the model of a config (resumes the workdir's run).", _define_train, _train,
-                required=("config", "workdir")),
+                required=("workdir",)),
         Command("sample", "Draw samples from a run's checkpoint.", _define_sample, _sample,
                 required=("workdir", "output")),
         Command("eval", "Evaluate a run's checkpoints: FID, KID, IS (or a digits feature distance offline).",
@@ -183,6 +214,8 @@ COMMANDS = {
                 _define_prepare, _prepare, required=("config",), distributed=False),
         Command("convert-inception", "Convert pytorch-fid's Inception weights (.pth) to diffax's .npz (needs torch).",
                 _define_nothing, _convert_inception, positional="SRC.pth DST.npz", distributed=False),
+        Command("import-diffusers", "Turn a diffusers UNet2DModel checkpoint into a diffax run (sample or fine-tune).",
+                _define_import, _import_diffusers, required=("src", "workdir")),
         Command("sweep", "Run the trials of a config's get_sweep() and report them.", _define_sweep, _sweep,
                 required=("config", "workdir"), distributed=False),
     ]

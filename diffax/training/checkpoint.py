@@ -74,7 +74,8 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
         """Restore the train state (placed as `abstract_state`'s shardings say) and the data position."""
         items = {"state": ocp.args.PyTreeRestore(abstract_state)}
-        if data_iterator is not None:
+        # An imported checkpoint (diffax import-diffusers) has no data position: the data starts afresh.
+        if data_iterator is not None and os.path.isdir(os.path.join(self.manager.directory, str(step), "data")):
             items["data"] = grain.checkpoint.CheckpointRestore(_DataStateAdapter(data_iterator))
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 

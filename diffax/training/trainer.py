@@ -221,8 +221,9 @@ def _raise_if_bad(state: TrainState, config: Any) -> None:
     bad = int(state.first_bad_step)
     if bad >= 0 and config.training.nan_policy == "stop":
         raise TrainingError(
-            f"The loss or its gradient became NaN or Inf at step {bad}. Training stopped without applying that "
-            "update; the last checkpoint is intact. Lower config.optimizer.learning_rate, check the data, or set "
+            f"The loss or its gradient became NaN or Inf at step {bad} (the update to step {bad + 1}). Training "
+            "stopped without applying it; the last checkpoint is intact. Lower config.optimizer.learning_rate, "
+            "check the data, or set "
             "config.training.nan_policy='skip' to skip such steps."
         )
 

@@ -1,0 +1,99 @@
+"""The benchmark suite (benchmarks/run.py) end to end on its smallest path: a tiny MLP on 2-D data."""
+import json
+import os
+import statistics
+
+import jax
+import pytest
+
+from benchmarks import run as bench_run
+from benchmarks.common import peak_flops
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = [
+    "--config", os.path.join(REPO, "configs", "toy2d.py"),
+    "--config.model.hidden=256", "--config.training.batch_size=64",
+    "--repeats", "5", "--steps-per-repeat", "1", "--compile-repeats", "0",
+    "--sampler-steps", "4", "--stall-steps", "3",
+]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = TINY + ["--output", str(out / "r.json"), "--markdown", str(out / "r.md")]
+    returned = bench_run.main(argv)
+    with open(out / "r.json") as f:
+        saved = json.load(f)
+    with open(out / "r.md") as f:
+        text = f.read()
+    return returned, saved, text
+
+
+def test_suite_records_every_figure_with_consistent_values(result):
+    returned, r, text = result
+    assert json.loads(json.dumps(returned)) == r  # the file is what main() returned
+
+    # the run is described: date, versions, devices, the exact command
+    m = r["meta"]
+    assert m["date"].startswith("20") and m["jax"] == jax.__version__
+    assert m["device_kind"] == jax.devices()[0].device_kind and m["device_count"] == jax.device_count()
+    assert "--config.model.hidden=256" in m["command"] and m["command"].startswith("python -m benchmarks.run")
+    c = r["config"]
+    assert (c["model"], c["batch_size"], c["data_shape"]) == ("mlp", 64, [2])
+
+    # train step: images/s and FLOP/s follow from the median step time and XLA's FLOP count
+    t = r["train_step"]
+    assert t["step_time_s"] == pytest.approx(statistics.median(t["step_times_s"]))
+    assert len(t["step_times_s"]) == 5 and t["step_time_s"] > 0
+    assert t["images_per_s"] == pytest.approx(64 / t["step_time_s"])
+    assert t["flop_per_s"] == pytest.approx(t["flops_per_step"] / t["step_time_s"])
+    assert t["flops_per_step"] == pytest.approx(t["flops_per_step_per_device"] * jax.device_count())
+    # an MLP train step costs ~6 FLOPs per weight per example (2 forward, 4 backward; Kaplan et al. 2020)
+    assert 5 <= t["flops_per_step"] / (64 * c["params"]) <= 9
+    assert t["compile_s"] > 0 and t["compile_s"] == t["first_compile_s"] and t["compile_includes_warmup"]
+    assert t["mfu"] is None if peak_flops(m["device_kind"]) is None else 0 < t["mfu"] < 1
+
+    # memory: on CPU the compiled step's own sizes; the state (params, EMA, Adam mu and nu) is an argument
+    mem = r["memory"]
+    sizes = mem["memory_analysis"]
+    assert sizes["argument_bytes"] >= 4 * 4 * c["params"]
+    if m["platform"] == "cpu":
+        assert "memory_analysis" in mem["source"]
+        assert mem["peak_bytes"] == (sizes["argument_bytes"] + sizes["output_bytes"] - sizes["alias_bytes"]
+                                     + sizes["temp_bytes"])
+    assert mem["peak_bytes"] > 0
+
+    # samplers: efficiency in [0, 1.2] for DDPM, DDIM and Heun; NFE as each algorithm makes them
+    eff = {row["sampler"]: row for row in r["samplers"]["efficiency"]}
+    assert set(eff) == {"ddpm", "ddim", "heun"}
+    assert (eff["ddpm"]["nfe"], eff["ddim"]["nfe"], eff["heun"]["nfe"]) == (4, 4, 7)
+    for row in eff.values():
+        assert 0 < row["efficiency"] <= 1.2, row
+        assert row["nfe_time_s"] > 0 and row["time_s"] > 0
+    comp = r["samplers"]["compile"]
+    assert comp["sampler"] == "ddim" and set(comp["compile_s"]) == {"10", "1000"}
+    assert min(comp["compile_s"].values()) > 0 and comp["ratio"] > 0
+    runs = comp["runs_s"]
+    assert comp["ratio"] == pytest.approx(statistics.median(x["1000"] / x["10"] for x in runs))
+
+    # input stall: the trainer's data_wait_fraction, median over windows
+    i = r["input"]
+    assert 0 <= i["wait_fraction"] <= 1 and len(i["windows"]) == 5
+    assert i["wait_fraction"] == pytest.approx(statistics.median(w["wait_fraction"] for w in i["windows"]))
+    assert i["images_per_s"] > 0 and i["source"] == "toy2d:8gaussians" and i["fallback"] is None
+
+    # the markdown table carries the same numbers
+    assert "| figure | value |" in text and m["command"] in text
+    assert f"{t['images_per_s']:.1f}" in text and f"{100 * i['wait_fraction']:.2f}%" in text
+
+
+def test_peak_table():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("TPU v4") == 275e12
+    assert peak_flops("TPU v5 lite") == 197e12
+    assert peak_flops("TPU v5p") == peak_flops("TPU v5") == 459e12
+    assert peak_flops("cpu") is None
