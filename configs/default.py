@@ -153,10 +153,10 @@ def get_config() -> ml_collections.ConfigDict:
     s.guidance_interval = (0.0, 1.0)  # apply guidance only for t in this interval
 
     # Devices: mesh axes; -1 takes all remaining devices.
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.fsdp_min_size = 2**18  # only weights with at least this many elements are sharded
+    c.mesh = mh = ml_collections.ConfigDict()
+    mh.data = -1  # devices on the data axis (-1: all remaining)
+    mh.fsdp = 1  # devices on the fsdp axis: the batch and the large weights are split over it
+    mh.fsdp_min_size = 2**18  # only weights with at least this many elements are sharded
 
     # Evaluation (diffax/evaluation)
     c.eval = e = ml_collections.ConfigDict()

@@ -1,11 +1,25 @@
-"""The offline default: a small UNet on scikit-learn's bundled 8x8 digits, padded to 16x16.
+"""The offline default: a small UNet on scikit-learn's bundled 8x8 digits at their native size.
 
-Needs no download and trains on a 2-core CPU in a few minutes:
+Needs no download and trains on a 2-core CPU in about 6 to 8 minutes:
     diffax train --config configs/digits.py --workdir runs/digits
+Padding to 16x16 (`--config.data.image_size=16`) costs about 4x the compute on a
+CPU for no extra detail.
 """
 from configs import default
 
 
 def get_config():
     config = default.get_config()
+    config.data.name = "digits"
+    config.data.image_size = 8  # native size; "pad" centres smaller images in a larger square
+    config.data.resize = "pad"
+    config.data.channels = 1
+    config.model.channels = 32
+    config.model.channel_mult = (1, 2)
+    config.model.attention_resolutions = (4,)
+    config.training.batch_size = 64
+    config.training.num_steps = 2000
+    config.training.log_every = 200
+    config.training.checkpoint_every = 1000
+    config.training.sample_every = 1000
     return config

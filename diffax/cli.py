@@ -190,13 +190,19 @@ def _default_config():
     return module.get_config()
 
 
+# --config.x=y overrides given without --config: applied to the workdir's config.json.
+_WORKDIR_OVERRIDES: list[str] = []
+
+
 def _config_or_workdirs(fv: flags.FlagValues):
-    """--config when given, else the config.json the run wrote in --workdir."""
+    """--config when given, else the config.json the run wrote in --workdir (with any --config.x=y overrides)."""
     from diffax import configuration
 
     if fv.config is not None:
         return fv.config
-    return configuration.load(os.path.join(fv.workdir, "config.json"))
+    config = configuration.load(os.path.join(fv.workdir, "config.json"))
+    apply_overrides(config, _WORKDIR_OVERRIDES)
+    return config
 
 
 COMMANDS = {
@@ -248,20 +254,56 @@ def _override_error(command: Command, argv: list[str]) -> str | None:
         return None
     finally:
         sys.argv = saved
-    config = probe.config
     for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        path = arg[len("--config."):].split("=", 1)[0].split(".")
-        node, seen = config, "config"
-        for part in path:
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-            if part not in keys:
-                close = difflib.get_close_matches(part, keys, n=3)
-                hint = f" Did you mean {', '.join(seen + '.' + c for c in close)}?" if close else ""
-                return f"{seen}.{part} is not a config field.{hint} Fields of {seen}: {', '.join(sorted(keys))}."
-            node, seen = node[part], f"{seen}.{part}"
+        if arg.startswith("--config."):
+            error = _field_error(probe.config, arg[len("--config."):].split("=", 1)[0].split("."))
+            if error:
+                return error
     return None
+
+
+def _field_error(config, path: list[str]) -> str | None:
+    """Why config.<path> is not a field (naming the closest fields), or None if it is one."""
+    node, seen = config, "config"
+    for part in path:
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            close = difflib.get_close_matches(part, keys, n=3)
+            hint = f" Did you mean {', '.join(seen + '.' + c for c in close)}?" if close else ""
+            return f"{seen}.{part} is not a config field.{hint} Fields of {seen}: {', '.join(sorted(keys))}."
+        node, seen = node[part], f"{seen}.{part}"
+    return None
+
+
+def apply_overrides(config, overrides: list[str]) -> None:
+    """Apply --config.a.b=value overrides to a loaded config, converting each value to its field's type."""
+    import ast
+
+    for arg in overrides:
+        name, sep, text = arg[len("--config."):].partition("=")
+        path = name.split(".")
+        error = _field_error(config, path) or (None if sep else f"--config.{name} needs a value: --config.{name}=VALUE.")
+        if error:
+            raise ValueError(error)
+        node = config
+        for part in path[:-1]:
+            node = node[part]
+        old = node[path[-1]]
+        try:
+            if isinstance(old, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError("expected true or false")
+                value = text.lower() in ("true", "1")
+            elif isinstance(old, (int, float)):
+                value = type(old)(ast.literal_eval(text)) if isinstance(old, float) else int(text)
+            elif isinstance(old, tuple):
+                value = tuple(ast.literal_eval(text)) if text.strip() not in ("", "()") else ()
+            else:
+                value = text
+        except (ValueError, SyntaxError, TypeError) as e:
+            raise ValueError(f"--config.{name}={text}: expected a value of type {type(old).__name__} ({e}).") from None
+        with config.unlocked():
+            node[path[-1]] = value
 
 
 def _add_config_root(args: list[str]) -> None:
@@ -300,6 +342,10 @@ def run(argv: list[str] | None = None) -> None:
         print(f"usage: {PROG} {name} {command.positional + ' ' if command.positional else ''}[--flags]\n\n{command.summary}\n\nflags:\n{fv.get_help(include_special_flags=False)}\n")
         return
     _add_config_root(args)
+    if "config" in fv and fv["config"].default is None and not any(a == "--config" or a.startswith("--config=") for a in args):
+        # No config file: overrides apply to the workdir's config.json (see _config_or_workdirs).
+        _WORKDIR_OVERRIDES[:] = [a for a in args if a.startswith("--config.")]
+        args = [a for a in args if not a.startswith("--config.")]
     try:
         positional = fv([f"{PROG} {name}"] + args)[1:]
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

@@ -1,4 +1,5 @@
 """Configs on disk and the command line."""
+import os
 import subprocess
 import sys
 
@@ -44,8 +45,11 @@ def test_config_files_load():
     assert toy2d.get_config("moons").data.name == "toy2d:moons"
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "diffax", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "diffax", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_unknown_field_names_the_closest(tmp_path):
@@ -76,3 +80,19 @@ def test_unknown_command_suggests():
 def test_missing_workdir_is_reported():
     r = run_cli("train", "--config", "configs/digits.py")
     assert r.returncode == 2 and "--workdir" in r.stderr
+
+
+def test_workdir_overrides_are_typed_and_checked():
+    config = default.get_config()
+    cli.apply_overrides(config, ["--config.training.num_steps=7", "--config.optimizer.learning_rate=1e-4",
+                                 "--config.data.random_flip=true", "--config.model.channel_mult=(1,2,4)",
+                                 "--config.sampling.sampler=heun"])
+    assert config.training.num_steps == 7 and config.optimizer.learning_rate == 1e-4
+    assert config.data.random_flip is True and config.model.channel_mult == (1, 2, 4)
+    assert config.sampling.sampler == "heun"
+    with pytest.raises(ValueError, match="config.training.batch_size"):
+        cli.apply_overrides(config, ["--config.training.batch_sise=3"])
+    with pytest.raises(ValueError, match="type int"):
+        cli.apply_overrides(config, ["--config.training.num_steps=many"])
+    with pytest.raises(ValueError, match="true or false"):
+        cli.apply_overrides(config, ["--config.data.random_flip=maybe"])

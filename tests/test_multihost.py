@@ -12,7 +12,6 @@ only process 0 writes metrics.jsonl, tb/ and the sample images; every process wr
 each checkpoint; both processes SIGKILLed at step 6 and started again resume from the step-4
 checkpoint and reproduce the uninterrupted 2-process run.
 """
-import json
 import os
 import re
 import socket
@@ -22,6 +21,8 @@ import textwrap
 
 import numpy as np
 import pytest
+
+from runs import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CHECKPOINT_EVERY, KILL_AT = 8, 4, 6
@@ -65,15 +66,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
-
-
-def losses(workdir):
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            out[row["step"]] = row["loss"]
-    return out
 
 
 def launch(tmp, workdir, processes, devices, tag, env=None, timeout=240):

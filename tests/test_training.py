@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from runs import losses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 
@@ -35,16 +37,6 @@ def run_diffax(args, devices=1, env=None, check=True):
     if check and r.returncode != 0:
         raise AssertionError(f"diffax {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
-
-
-def losses(workdir):
-    """step -> logged loss (the last line for a step wins)."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            out[row["step"]] = row["loss"]
-    return out
 
 
 @pytest.fixture(scope="module")
