@@ -1,0 +1,147 @@
+"""Diffusion Transformer, DiT (Peebles & Xie 2023).
+
+Patchify -> + fixed 2-D sin-cos position embedding -> depth x DiT block with adaLN-Zero
+conditioning on (noise-level + class) embedding -> adaLN final layer -> unpatchify.
+Presets (Table 1 of the paper; parameters at 256x256 images, i.e. 32x32x4 latents, 1000
+classes, learned sigma): S 33M, B 130M, L 458M, XL 675M; patch size 2, 4 or 8, e.g.
+config.model.preset = "XL/2".
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffax.models import layers
+from diffax.models.embeddings import NoiseEmbedding, sincos_pos_embed_2d
+from diffax.models.unet import _get, add_label_embedding, heads_for
+
+Array = jax.Array
+
+# name -> (depth, hidden_size, num_heads), Peebles & Xie (2023), Table 1.
+PRESETS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+FREQUENCY_DIM = 256  # width of the sinusoidal noise-level embedding before the MLP (DiT's TimestepEmbedder)
+
+normal_002 = nnx.initializers.normal(0.02)
+
+
+def parse_preset(preset: str) -> tuple[int, int, int, int]:
+    """'XL/2' -> (depth, hidden_size, num_heads, patch_size)."""
+    try:
+        name, patch = preset.split("/")
+        depth, hidden, heads = PRESETS[name]
+        patch = int(patch)
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"Unknown DiT preset {preset!r} in config.model.preset. Valid: "
+            f"{', '.join(f'{n}/{p}' for n in PRESETS for p in (2, 4, 8))}."
+        ) from None
+    return depth, hidden, heads, patch
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+    """adaLN modulation x * (1 + scale) + shift, per example (Peebles & Xie 2023, sec. 3.2)."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class DiTBlock(nnx.Module):
+    """Transformer block with adaLN-Zero: the modulation (shift, scale, gate) x 2 is regressed from the
+    conditioning and zero-initialised, so every block starts as the identity."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, *, dropout: float, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        mlp_hidden = int(hidden * mlp_ratio)
+        self.qkv = layers.linear(hidden, 3 * hidden, **kw)
+        self.proj = layers.linear(hidden, hidden, **kw)
+        self.fc1 = layers.linear(hidden, mlp_hidden, **kw)
+        self.fc2 = layers.linear(mlp_hidden, hidden, **kw)
+        self.adaln = layers.linear(hidden, 6 * hidden, init=layers.zeros, **kw)
+        self.heads = heads
+        self.dropout = float(dropout)
+
+    def __call__(self, x: Array, c: Array, dropout_key: Array | None = None) -> Array:
+        b, t, d = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaln(jax.nn.silu(c)), 6, axis=-1)
+        h = modulate(layers.layer_norm(x), shift1, scale1)
+        q, k, v = (z.reshape(b, t, self.heads, d // self.heads) for z in jnp.split(self.qkv(h), 3, -1))
+        h = self.proj(layers.attention(q, k, v).reshape(b, t, d))
+        x = x + gate1[:, None, :] * layers.dropout(h, self.dropout, layers.fold_key(dropout_key, 0))
+        h = modulate(layers.layer_norm(x), shift2, scale2)
+        h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))
+        return x + gate2[:, None, :] * layers.dropout(h, self.dropout, layers.fold_key(dropout_key, 1))
+
+
+class DiT(nnx.Module):
+    """DiT denoiser: model(x [B,H,W,C], c_noise [B], labels, *, dropout_key) -> [B,H,W,C or 2C].
+
+    Peebles & Xie (2023): patch embedding (a p x p stride-p conv, here the equivalent matmul on
+    flattened patches), fixed sin-cos position embedding (not a parameter), noise-level MLP on
+    a 256-wide sinusoidal embedding, class table with num_classes + 1 rows (the last the null
+    label), adaLN-Zero blocks, zero-initialised final layer.
+    """
+
+    def __init__(self, cfg, *, data_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs):
+        if len(data_shape) != 3:
+            raise ValueError(f"dit needs image data (H, W, C), got data_shape={data_shape}")
+        if cfg.preset:
+            depth, hidden, heads, patch = parse_preset(cfg.preset)
+        else:
+            depth, hidden, patch = int(cfg.depth), int(cfg.hidden_size), int(cfg.patch_size)
+            heads = heads_for(hidden, cfg.num_heads, cfg.head_channels)
+        height, width, in_ch = data_shape
+        if height % patch or width % patch:
+            raise ValueError(f"patch size {patch} does not divide the {height}x{width} input")
+        dtype = layers.dtype_of(cfg.dtype)
+        kw = dict(dtype=dtype, param_dtype=layers.dtype_of(cfg.param_dtype), rngs=rngs)
+        out_ch = in_ch * (2 if cfg.learn_sigma else 1)
+
+        self.patch_embed = layers.linear(patch * patch * in_ch, hidden, **kw)
+        self.embed = NoiseEmbedding(
+            cfg.embedding,
+            FREQUENCY_DIM,
+            flip_sin_to_cos=_get(cfg, "flip_sin_to_cos", False),
+            freq_shift=_get(cfg, "freq_shift", 1.0),
+            fourier_scale=_get(cfg, "fourier_scale", 16.0),
+        )
+        self.time_mlp1 = layers.linear(FREQUENCY_DIM, hidden, init=normal_002, **kw)
+        self.time_mlp2 = layers.linear(hidden, hidden, init=normal_002, **kw)
+        self.num_classes = int(num_classes)
+        self.label_embed = (
+            nnx.Embed(num_classes + 1, hidden, param_dtype=kw["param_dtype"], embedding_init=normal_002, rngs=rngs)
+            if num_classes > 0
+            else None
+        )
+        self.blocks = nnx.List(
+            [
+                DiTBlock(hidden, heads, float(cfg.mlp_ratio), dropout=float(cfg.dropout), **kw)
+                for _ in range(depth)
+            ]
+        )
+        self.final_adaln = layers.linear(hidden, 2 * hidden, init=layers.zeros, **kw)
+        self.final_proj = layers.linear(hidden, patch * patch * out_ch, init=layers.zeros, **kw)
+        self.patch = patch
+        self.hidden = hidden
+        self.out_ch = out_ch
+        self.remat = bool(cfg.remat)
+        self.dtype = dtype
+
+    def __call__(
+        self, x: Array, c_noise: Array, labels: Array | None = None, *, dropout_key: Array | None = None
+    ) -> Array:
+        b, height, width, c = x.shape
+        p, gh, gw = self.patch, height // self.patch, width // self.patch
+        patches = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
+        pos = jnp.asarray(sincos_pos_embed_2d(self.hidden, gh, gw))
+        h = self.patch_embed(patches.astype(self.dtype)) + pos.astype(self.dtype)
+
+        c_noise = jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), (b,))
+        cond = self.time_mlp2(jax.nn.silu(self.time_mlp1(self.embed(c_noise).astype(self.dtype))))
+        cond = add_label_embedding(cond, self.label_embed, self.num_classes, labels, b)
+
+        run = layers.call_block_remat if self.remat else layers.call_block
+        for i, block in enumerate(self.blocks):
+            h = run(block, h, cond, layers.fold_key(dropout_key, i))
+        shift, scale = jnp.split(self.final_adaln(jax.nn.silu(cond)), 2, axis=-1)
+        out = self.final_proj(modulate(layers.layer_norm(h), shift, scale))
+        out = out.reshape(b, gh, gw, p, p, self.out_ch).transpose(0, 1, 3, 2, 4, 5)
+        return out.reshape(b, height, width, self.out_ch)

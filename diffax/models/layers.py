@@ -1,0 +1,376 @@
+"""Layers shared by the diffax denoisers: convolution, group norm, attention, residual blocks.
+
+Conventions: activations NHWC in `dtype` (bfloat16 on accelerators), parameters in
+`param_dtype`; normalisation statistics are always computed in float32 (as ADM's
+GroupNorm32). Dropout is pure: it is applied only when a key is passed.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+Array = jax.Array
+
+xavier_uniform = nnx.initializers.xavier_uniform()  # DDPM's default_init: variance scaling, fan_avg, uniform
+zeros = nnx.initializers.zeros_init()
+
+CONV_IMPLS = ("xla", "rows")
+
+
+def dtype_of(name: str | jnp.dtype) -> jnp.dtype:
+    """'float32' | 'bfloat16' | 'float16' (from config.model.dtype / param_dtype) -> a jnp dtype."""
+    valid = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    if isinstance(name, str):
+        if name not in valid:
+            raise ValueError(f"Unknown dtype {name!r} in config.model. Valid names: {', '.join(valid)}.")
+        return jnp.dtype(valid[name])
+    return jnp.dtype(name)
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout (Srivastava et al. 2014): zero with probability `rate`, scale the rest by 1/(1-rate).
+
+    Identity when key is None or rate == 0, so a call without a key is deterministic.
+    """
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def fold_key(key: Array | None, index: int) -> Array | None:
+    """A distinct dropout key per layer (None stays None)."""
+    return None if key is None else jax.random.fold_in(key, index)
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def _conv_xla(x: Array, kernel: Array, stride: int, padding: Sequence[tuple[int, int]]) -> Array:
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), tuple(padding), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _kernel_grad_rows(x: Array, dy: Array, kernel_shape, stride: int, padding) -> Array:
+    """dL/dkernel of a 2-D conv, computed as ONE 1-D convolution along the rows.
+
+    dk[i, j, ci, co] = sum_{b, h, w} xp[b, s h + i, s w + j, ci] dy[b, h, w, co]. XLA writes this
+    as a 2-D convolution whose window is the whole output map and whose contracted feature
+    dimension is only the batch, a shape XLA:CPU's convolution kernels handle poorly. Here the
+    kw column shifts are stacked into the batch dimension and (batch, width) become the
+    contracted feature dimension, so the window is only the output height.
+    """
+    kh, kw, cin, cout = kernel_shape
+    b, ho, wo, _ = dy.shape
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    hp = xp.shape[1]
+    cols = jnp.stack([xp[:, :, j : j + stride * (wo - 1) + 1 : stride, :] for j in range(kw)])  # [kw,B,Hp,Wo,Cin]
+    lhs = cols.transpose(0, 4, 2, 1, 3).reshape(kw * cin, hp, b * wo)
+    rhs = dy.transpose(1, 0, 2, 3).reshape(ho, b * wo, cout)
+    out = lax.conv_general_dilated(
+        lhs, rhs, (1,), "VALID", rhs_dilation=(stride,), dimension_numbers=("NHC", "HIO", "NHC")
+    )  # [kw * Cin, >= kh, Cout]
+    return out[:, :kh].reshape(kw, cin, kh, cout).transpose(2, 0, 1, 3)
+
+
+def _conv_rows_fwd(x, kernel, stride, padding):
+    return _conv_xla(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv_rows_bwd(stride, padding, res, dy):
+    x, kernel = res
+    _, vjp_x = jax.vjp(lambda x_: _conv_xla(x_, kernel, stride, padding), x)
+    (dx,) = vjp_x(dy)
+    dk = _kernel_grad_rows(x, dy, kernel.shape, stride, padding)
+    return dx, dk.astype(kernel.dtype)
+
+
+_conv_rows = jax.custom_vjp(_conv_xla, nondiff_argnums=(2, 3))
+_conv_rows.defvjp(_conv_rows_fwd, _conv_rows_bwd)
+
+
+def conv2d(
+    x: Array, kernel: Array, *, stride: int = 1, padding: Sequence[tuple[int, int]], impl: str = "xla"
+) -> Array:
+    """2-D convolution, NHWC x HWIO -> NHWC, with explicit ((top, bottom), (left, right)) padding.
+
+    impl="xla": lax.conv_general_dilated, differentiated by JAX. impl="rows": the same forward
+    and input gradient, but the kernel gradient is one 1-D convolution over rows
+    (`_kernel_grad_rows`) instead of XLA's backward-filter convolution, whose window spans the
+    whole feature map and which XLA:CPU runs slowly (see benchmarks/models.py). Values and
+    gradients agree with impl="xla" to float rounding.
+    """
+    padding = tuple((int(a), int(b)) for a, b in padding)
+    if impl == "xla":
+        return _conv_xla(x, kernel, stride, padding)
+    if impl == "rows":
+        return _conv_rows(x, kernel, stride, padding)
+    raise ValueError(f"Unknown conv_impl {impl!r} in config.model.conv_impl. Valid names: {', '.join(CONV_IMPLS)}.")
+
+
+class Conv(nnx.Module):
+    """Conv2D with kernel [kh, kw, in, out] and bias [out] (the parameter layout of nnx.Conv).
+
+    padding: "same" (symmetric, k // 2) or explicit ((top, bottom), (left, right)).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int = 3,
+        *,
+        stride: int = 1,
+        padding: str | Sequence[tuple[int, int]] = "same",
+        zero_init: bool = False,
+        impl: str = "xla",
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if impl not in CONV_IMPLS:
+            raise ValueError(
+                f"Unknown conv_impl {impl!r} in config.model.conv_impl. Valid names: {', '.join(CONV_IMPLS)}."
+            )
+        shape = (kernel_size, kernel_size, in_features, out_features)
+        init = zeros if zero_init else xavier_uniform
+        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
+        if padding == "same":
+            padding = ((kernel_size // 2, kernel_size // 2),) * 2
+        self.padding = tuple((int(a), int(b)) for a, b in padding)
+        self.stride = stride
+        self.impl = impl
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        y = conv2d(
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            stride=self.stride,
+            padding=self.padding,
+            impl=self.impl,
+        )
+        return y + self.bias[...].astype(self.dtype)
+
+
+def linear(
+    din: int,
+    dout: int,
+    *,
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+    init=xavier_uniform,
+) -> nnx.Linear:
+    """nnx.Linear with diffax's defaults (xavier-uniform kernel, zero bias)."""
+    return nnx.Linear(din, dout, dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+class GroupNorm(nnx.Module):
+    """Group normalisation (Wu & He 2018), statistics in float32, output in `dtype`.
+
+    Biased variance and eps inside the square root, as torch.nn.GroupNorm.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        groups: int,
+        eps: float = 1e-6,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
+        if channels % groups:
+            raise ValueError(
+                f"config.model.norm_groups={groups} does not divide a layer's {channels} channels"
+            )
+        self.scale = nnx.Param(jnp.ones((channels,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((channels,), param_dtype))
+        self.groups = groups
+        self.eps = float(eps)
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        b, c = x.shape[0], x.shape[-1]
+        g = x.astype(jnp.float32).reshape(b, -1, self.groups, c // self.groups)
+        mean = jnp.mean(g, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
+        y = ((g - mean) * lax.rsqrt(var + self.eps)).reshape(x.shape)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def layer_norm(x: Array, eps: float = 1e-6) -> Array:
+    """LayerNorm without affine parameters (DiT's norm before adaLN modulation), float32 statistics."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention(q: Array, k: Array, v: Array) -> Array:
+    """Multi-head softmax attention, [B, T, heads, head_dim], scale 1/sqrt(head_dim) (Vaswani et al. 2017).
+
+    Through jax.nn.dot_product_attention, so XLA / cuDNN pick the fused kernel.
+    """
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+class AttentionBlock(nnx.Module):
+    """Spatial self-attention with a residual: x + proj(attn(norm(x))) (DDPM's AttnBlock; ADM's AttentionBlock).
+
+    One qkv projection [C, 3C] laid out [q | k | v], each split into heads as
+    [heads, head_dim]; proj is zero-initialised so the block starts as the identity.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        *,
+        groups: int,
+        eps: float,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        if channels % num_heads:
+            raise ValueError(f"{num_heads} attention heads do not divide {channels} channels")
+        self.norm = GroupNorm(channels, groups, eps, dtype=dtype, param_dtype=param_dtype)
+        self.qkv = linear(channels, 3 * channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj = linear(channels, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs, init=zeros)
+        self.num_heads = num_heads
+
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        qkv = self.qkv(self.norm(x).reshape(b, h * w, c))
+        q, k, v = (t.reshape(b, h * w, self.num_heads, c // self.num_heads) for t in jnp.split(qkv, 3, -1))
+        out = attention(q, k, v).reshape(b, h * w, c)
+        return x + self.proj(out).reshape(b, h, w, c)
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+def downsample_avg(x: Array) -> Array:
+    """2x2 average pooling (ADM's Downsample without conv)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def upsample_nearest(x: Array) -> Array:
+    """Nearest-neighbour 2x upsampling."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class Downsample(nnx.Module):
+    """3x3 stride-2 convolution (DDPM / ADM). padding=1: one pixel each side (PyTorch, ADM);
+    padding=0: only bottom/right, TensorFlow's 'SAME' as in the original DDPM code (diffusers'
+    downsample_padding)."""
+
+    def __init__(self, channels: int, *, padding: int, impl: str, dtype, param_dtype, rngs: nnx.Rngs):
+        if padding not in (0, 1):
+            raise ValueError(f"config.model.downsample_padding must be 0 or 1, got {padding}")
+        pad = ((1, 1), (1, 1)) if padding == 1 else ((0, 1), (0, 1))
+        self.conv = Conv(
+            channels, channels, 3, stride=2, padding=pad, impl=impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def __call__(self, x: Array, emb: Array | None = None, dropout_key: Array | None = None) -> Array:
+        return self.conv(x)
+
+
+class Upsample(nnx.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution (DDPM / ADM)."""
+
+    def __init__(self, channels: int, *, impl: str, dtype, param_dtype, rngs: nnx.Rngs):
+        self.conv = Conv(channels, channels, 3, impl=impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Array, emb: Array | None = None, dropout_key: Array | None = None) -> Array:
+        return self.conv(upsample_nearest(x))
+
+
+# --------------------------------------------------------------------------- residual block
+
+
+class ResBlock(nnx.Module):
+    """Residual block with noise-level conditioning (Ho et al. 2020, App. B; Dhariwal & Nichol 2021, sec. 3).
+
+    h = conv1(silu(norm1(x)));  e = Linear(silu(emb))
+    default:           h = silu(norm2(h + e))
+    scale_shift_norm:  h = silu(norm2(h) * (1 + scale) + shift),  (scale, shift) = split(e)
+    out = skip(x) + conv2(dropout(h)), conv2 zero-initialised; skip is a 1x1 conv when the
+    width changes. resample="down"/"up" makes it BigGAN's resampling block (ADM's
+    resblock_updown): 2x2 average pooling / nearest upsampling of both paths after norm1.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_dim: int,
+        *,
+        dropout: float = 0.0,
+        scale_shift_norm: bool = False,
+        groups: int,
+        eps: float,
+        resample: str | None = None,
+        impl: str = "xla",
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = GroupNorm(in_channels, groups, eps, **kw)
+        self.conv1 = Conv(in_channels, out_channels, 3, impl=impl, rngs=rngs, **kw)
+        self.temb = linear(emb_dim, out_channels * (2 if scale_shift_norm else 1), rngs=rngs, **kw)
+        self.norm2 = GroupNorm(out_channels, groups, eps, **kw)
+        self.conv2 = Conv(out_channels, out_channels, 3, impl=impl, zero_init=True, rngs=rngs, **kw)
+        self.skip = (
+            Conv(in_channels, out_channels, 1, impl=impl, rngs=rngs, **kw) if in_channels != out_channels else None
+        )
+        if resample not in (None, "up", "down"):
+            raise ValueError(f"resample must be None, 'up' or 'down', got {resample!r}")
+        self.resample = resample
+        self.scale_shift_norm = bool(scale_shift_norm)
+        self.dropout = float(dropout)
+
+    def __call__(self, x: Array, emb: Array, dropout_key: Array | None = None) -> Array:
+        h = jax.nn.silu(self.norm1(x))
+        if self.resample == "down":
+            h, x = downsample_avg(h), downsample_avg(x)
+        elif self.resample == "up":
+            h, x = upsample_nearest(h), upsample_nearest(x)
+        h = self.conv1(h)
+        e = self.temb(jax.nn.silu(emb))[:, None, None, :]
+        if self.scale_shift_norm:
+            scale, shift = jnp.split(e, 2, axis=-1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = dropout(jax.nn.silu(h), self.dropout, dropout_key)
+        h = self.conv2(h)
+        if self.skip is not None:
+            x = self.skip(x)
+        return x.astype(h.dtype) + h
+
+
+def call_block(block: nnx.Module, *args) -> Array:
+    """block(*args); wrapped in nnx.remat when config.model.remat (recompute activations in the backward pass)."""
+    return block(*args)
+
+
+call_block_remat = nnx.remat(call_block)

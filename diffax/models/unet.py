@@ -1,0 +1,214 @@
+"""The DDPM / ADM UNet (Ho et al. 2020; Nichol & Dhariwal 2021; Dhariwal & Nichol 2021).
+
+Layout (per level of `channel_mult`, resolution r = H / 2**level):
+  down[level]: num_res_blocks x (ResBlock [+ attention if r in attention_resolutions]),
+               then a downsample (conv, or a BigGAN ResBlock when resblock_updown) except at the last level
+  mid:         ResBlock, attention (if mid_attention), ResBlock
+  up[i]:       levels in reverse; num_res_blocks + 1 x (concat skip, ResBlock [+ attention if
+               r in up_attention_resolutions]), then an upsample except at the top level
+  out:         GroupNorm, SiLU, zero-initialised 3x3 conv -> C (2C when learn_sigma)
+This is exactly diffusers' UNet2DModel with DownBlock2D / AttnDownBlock2D / UpBlock2D /
+AttnUpBlock2D / UNetMidBlock2D, so diffax/models/diffusers.py maps its weights one to one.
+
+DDPM CIFAR-10 (35.7M parameters): channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+attention_resolutions=(16,), dropout=0.1. ADM: scale_shift_norm=True, resblock_updown=True,
+head_channels=64, attention at (32, 16, 8), num_classes > 0.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffax.models import layers
+from diffax.models.embeddings import NoiseEmbedding
+
+Array = jax.Array
+
+
+def _get(cfg, name: str, default):
+    """cfg.name, or default for a config written before the field existed."""
+    return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+
+
+def heads_for(channels: int, num_heads: int, head_channels: int) -> int:
+    """ADM's rule: head_channels > 0 fixes the width per head, otherwise num_heads heads."""
+    if head_channels and head_channels > 0:
+        if channels % head_channels:
+            raise ValueError(f"config.model.head_channels={head_channels} does not divide {channels} channels")
+        return channels // head_channels
+    return int(num_heads)
+
+
+class Level(nnx.Module):
+    """One resolution of the UNet: residual blocks, optional attention after each, optional resampler."""
+
+    def __init__(self, res: list, attn: list, resample: nnx.Module | None):
+        self.res = nnx.List(res)
+        self.attn = nnx.List(attn)
+        self.resample = resample
+
+
+class UNet(nnx.Module):
+    """UNet denoiser: model(x [B,H,W,C], c_noise [B], labels [B] | None, *, dropout_key) -> [B,H,W,C or 2C].
+
+    Implements Ho et al. (2020, App. B) and the ADM improvements of Dhariwal & Nichol (2021,
+    sec. 3): adaptive group norm (scale_shift_norm), multi-head attention at several
+    resolutions (num_heads or head_channels), BigGAN up/down residual blocks, class
+    embedding added to the noise-level embedding (num_classes + 1 rows, the last the null
+    label). Returns the network dtype; the diffusion math casts to float32.
+    """
+
+    def __init__(self, cfg, *, data_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs):
+        if len(data_shape) != 3:
+            raise ValueError(f"the unet needs image data (H, W, C), got data_shape={data_shape}")
+        height, _, in_ch = data_shape
+        dtype = layers.dtype_of(cfg.dtype)
+        pdt = layers.dtype_of(cfg.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=pdt)
+        ch = int(cfg.channels)
+        mult = tuple(cfg.channel_mult)
+        nrb = int(cfg.num_res_blocks)
+        emb_dim = 4 * ch
+        groups = int(cfg.norm_groups)
+        eps = float(_get(cfg, "norm_eps", 1e-6))
+        impl = _get(cfg, "conv_impl", "xla")
+        attn_down = set(cfg.attention_resolutions)
+        up_res = _get(cfg, "up_attention_resolutions", None)
+        attn_up = attn_down if up_res is None else set(up_res)
+        updown = bool(cfg.resblock_updown)
+        down_pad = int(_get(cfg, "downsample_padding", 1))
+        nheads = lambda c: heads_for(c, cfg.num_heads, cfg.head_channels)  # noqa: E731
+
+        res_kw = dict(
+            dropout=float(cfg.dropout),
+            scale_shift_norm=bool(cfg.scale_shift_norm),
+            groups=groups,
+            eps=eps,
+            impl=impl,
+            **kw,
+        )
+        attn_kw = dict(groups=groups, eps=eps, **kw)
+
+        self.embed = NoiseEmbedding(
+            cfg.embedding,
+            ch,
+            flip_sin_to_cos=_get(cfg, "flip_sin_to_cos", False),
+            freq_shift=_get(cfg, "freq_shift", 1.0),
+            fourier_scale=_get(cfg, "fourier_scale", 16.0),
+        )
+        self.time_mlp1 = layers.linear(ch, emb_dim, rngs=rngs, **kw)
+        self.time_mlp2 = layers.linear(emb_dim, emb_dim, rngs=rngs, **kw)
+        self.num_classes = int(num_classes)
+        self.label_embed = (
+            nnx.Embed(num_classes + 1, emb_dim, param_dtype=pdt, rngs=rngs) if num_classes > 0 else None
+        )
+        self.conv_in = layers.Conv(in_ch, ch, 3, impl=impl, rngs=rngs, **kw)
+
+        down, skips, cur, res = [], [ch], ch, height
+        for level, m in enumerate(mult):
+            out = ch * m
+            blocks, attns = [], []
+            for _ in range(nrb):
+                blocks.append(layers.ResBlock(cur, out, emb_dim, rngs=rngs, **res_kw))
+                attns.append(
+                    layers.AttentionBlock(out, nheads(out), rngs=rngs, **attn_kw) if res in attn_down else None
+                )
+                cur = out
+                skips.append(cur)
+            resample = None
+            if level != len(mult) - 1:
+                if updown:
+                    resample = layers.ResBlock(cur, cur, emb_dim, resample="down", rngs=rngs, **res_kw)
+                else:
+                    resample = layers.Downsample(cur, padding=down_pad, impl=impl, rngs=rngs, **kw)
+                skips.append(cur)
+                res //= 2
+            down.append(Level(blocks, attns, resample))
+        self.down = nnx.List(down)
+
+        self.mid_res1 = layers.ResBlock(cur, cur, emb_dim, rngs=rngs, **res_kw)
+        self.mid_attn = (
+            layers.AttentionBlock(cur, nheads(cur), rngs=rngs, **attn_kw)
+            if _get(cfg, "mid_attention", True)
+            else None
+        )
+        self.mid_res2 = layers.ResBlock(cur, cur, emb_dim, rngs=rngs, **res_kw)
+
+        up = []
+        for level, m in reversed(list(enumerate(mult))):
+            out = ch * m
+            blocks, attns = [], []
+            for _ in range(nrb + 1):
+                blocks.append(layers.ResBlock(cur + skips.pop(), out, emb_dim, rngs=rngs, **res_kw))
+                attns.append(
+                    layers.AttentionBlock(out, nheads(out), rngs=rngs, **attn_kw) if res in attn_up else None
+                )
+                cur = out
+            resample = None
+            if level != 0:
+                if updown:
+                    resample = layers.ResBlock(cur, cur, emb_dim, resample="up", rngs=rngs, **res_kw)
+                else:
+                    resample = layers.Upsample(cur, impl=impl, rngs=rngs, **kw)
+                res *= 2
+            up.append(Level(blocks, attns, resample))
+        self.up = nnx.List(up)
+
+        self.norm_out = layers.GroupNorm(cur, groups, eps, **kw)
+        out_ch = in_ch * (2 if cfg.learn_sigma else 1)
+        self.conv_out = layers.Conv(cur, out_ch, 3, impl=impl, zero_init=True, rngs=rngs, **kw)
+        self.remat = bool(cfg.remat)
+        self.dtype = dtype
+
+    def embed_noise(self, c_noise: Array, labels: Array | None, batch: int) -> Array:
+        """Noise-level (and class) embedding [B, 4 * channels]."""
+        c_noise = jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), (batch,))
+        emb = self.time_mlp2(jax.nn.silu(self.time_mlp1(self.embed(c_noise).astype(self.dtype))))
+        return add_label_embedding(emb, self.label_embed, self.num_classes, labels, batch)
+
+    def __call__(
+        self, x: Array, c_noise: Array, labels: Array | None = None, *, dropout_key: Array | None = None
+    ) -> Array:
+        run = layers.call_block_remat if self.remat else layers.call_block
+        emb = self.embed_noise(c_noise, labels, x.shape[0])
+        counter = iter(range(1 << 20))  # one dropout key per residual block
+        key = lambda: layers.fold_key(dropout_key, next(counter))  # noqa: E731
+
+        h = self.conv_in(x)
+        hs = [h]
+        for level in self.down:
+            for block, attn in zip(level.res, level.attn):
+                h = run(block, h, emb, key())
+                if attn is not None:
+                    h = run(attn, h)
+                hs.append(h)
+            if level.resample is not None:
+                h = run(level.resample, h, emb, key())
+                hs.append(h)
+        h = run(self.mid_res1, h, emb, key())
+        if self.mid_attn is not None:
+            h = run(self.mid_attn, h)
+        h = run(self.mid_res2, h, emb, key())
+        for level in self.up:
+            for block, attn in zip(level.res, level.attn):
+                h = run(block, jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1), emb, key())
+                if attn is not None:
+                    h = run(attn, h)
+            if level.resample is not None:
+                h = run(level.resample, h, emb, key())
+        return self.conv_out(jax.nn.silu(self.norm_out(h)))
+
+
+def add_label_embedding(
+    emb: Array, table: nnx.Embed | None, num_classes: int, labels: Array | None, batch: int
+) -> Array:
+    """emb + table[labels]; labels None means the null label num_classes (classifier-free guidance,
+    Ho & Salimans 2022). Labels for an unconditional model (num_classes = 0) are an error."""
+    if table is None:
+        if labels is not None:
+            raise ValueError("labels were passed to a model built with num_classes=0 (unconditional)")
+        return emb
+    if labels is None:
+        labels = jnp.full((batch,), num_classes, jnp.int32)
+    return emb + table(jnp.asarray(labels, jnp.int32)).astype(emb.dtype)
