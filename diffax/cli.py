@@ -70,7 +70,6 @@ def _define_sample(fv: flags.FlagValues) -> None:
 def _sample(fv: flags.FlagValues, args: list[str]) -> None:
     import numpy as np
 
-    from diffax import configuration
     from diffax.training import inference
     from diffax.visualize import image_grid, save_png, save_scatter
 

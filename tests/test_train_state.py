@@ -1,7 +1,5 @@
 """Optimizer schedule, EMA and the non-finite guard of the train step, in-process."""
-import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest

@@ -15,14 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """[-1, 1] float images -> uint8 exactly as a saved PNG holds them: round(clip((x + 1) * 127.5)).
-
-    FID is defined on 8-bit images (Heusel et al. 2017 computed it on PNG/JPEG
-    files), so generated samples go through this before any feature extractor.
-    """
-    return np.round(np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
+from diffax.visualize import to_uint8  # noqa: F401 (FID takes 8-bit images, as a saved PNG holds them)
 
 
 class FeatureStats:

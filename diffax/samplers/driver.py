@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from diffax.samplers.base import SAMPLERS
 from diffax.samplers.guidance import make_denoiser
+from diffax.visualize import to_uint8
 
 Array = jax.Array
 
@@ -41,11 +42,6 @@ def sample(
         null_label=null_label, return_variance=learned,
     )
     return fn(lambda z, t: denoise(z, t, labels), schedule, noise, key, sampling_cfg, diffusion_cfg)
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats to uint8: round(clip((x + 1) * 127.5, 0, 255))."""
-    return np.round(np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
 
 
 def _batch_sharding(sharding: Any, ndim: int) -> Any:

@@ -24,7 +24,7 @@ from diffax.training.build import build, count_params
 from diffax.training.state import TrainState, learning_rate_schedule, make_optimizer
 from diffax.training.step import init_state, make_train_step
 from diffax.training.writers import MetricWriter, format_duration
-from diffax.visualize import image_grid, save_png, save_scatter, to_uint8
+from diffax.visualize import image_grid, save_png, save_scatter
 
 
 class TrainingError(RuntimeError):
