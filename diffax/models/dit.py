@@ -14,7 +14,7 @@ from flax import nnx
 
 from diffax.models import layers
 from diffax.models.embeddings import NoiseEmbedding, sincos_pos_embed_2d
-from diffax.models.unet import _get, add_label_embedding, heads_for
+from diffax.models.unet import add_label_embedding, heads_for
 
 Array = jax.Array
 
@@ -96,13 +96,7 @@ class DiT(nnx.Module):
         out_ch = in_ch * (2 if cfg.learn_sigma else 1)
 
         self.patch_embed = layers.linear(patch * patch * in_ch, hidden, **kw)
-        self.embed = NoiseEmbedding(
-            cfg.embedding,
-            FREQUENCY_DIM,
-            flip_sin_to_cos=_get(cfg, "flip_sin_to_cos", False),
-            freq_shift=_get(cfg, "freq_shift", 1.0),
-            fourier_scale=_get(cfg, "fourier_scale", 16.0),
-        )
+        self.embed = NoiseEmbedding.from_config(cfg, FREQUENCY_DIM)
         self.time_mlp1 = layers.linear(FREQUENCY_DIM, hidden, init=normal_002, **kw)
         self.time_mlp2 = layers.linear(hidden, hidden, init=normal_002, **kw)
         self.num_classes = int(num_classes)

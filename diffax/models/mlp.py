@@ -7,7 +7,7 @@ from flax import nnx
 
 from diffax.models import layers
 from diffax.models.embeddings import NoiseEmbedding
-from diffax.models.unet import _get, add_label_embedding
+from diffax.models.unet import add_label_embedding
 
 Array = jax.Array
 
@@ -27,13 +27,7 @@ class MLP(nnx.Module):
         hidden = int(cfg.hidden)
         dtype = layers.dtype_of(cfg.dtype)
         kw = dict(dtype=dtype, param_dtype=layers.dtype_of(cfg.param_dtype), rngs=rngs)
-        self.embed = NoiseEmbedding(
-            cfg.embedding,
-            hidden,
-            flip_sin_to_cos=_get(cfg, "flip_sin_to_cos", False),
-            freq_shift=_get(cfg, "freq_shift", 1.0),
-            fourier_scale=_get(cfg, "fourier_scale", 16.0),
-        )
+        self.embed = NoiseEmbedding.from_config(cfg, hidden)
         self.time_mlp1 = layers.linear(hidden, hidden, **kw)
         self.time_mlp2 = layers.linear(hidden, hidden, **kw)
         self.num_classes = int(num_classes)

@@ -90,13 +90,7 @@ class UNet(nnx.Module):
         )
         attn_kw = dict(groups=groups, eps=eps, **kw)
 
-        self.embed = NoiseEmbedding(
-            cfg.embedding,
-            ch,
-            flip_sin_to_cos=_get(cfg, "flip_sin_to_cos", False),
-            freq_shift=_get(cfg, "freq_shift", 1.0),
-            fourier_scale=_get(cfg, "fourier_scale", 16.0),
-        )
+        self.embed = NoiseEmbedding.from_config(cfg, ch)
         self.time_mlp1 = layers.linear(ch, emb_dim, rngs=rngs, **kw)
         self.time_mlp2 = layers.linear(emb_dim, emb_dim, rngs=rngs, **kw)
         self.num_classes = int(num_classes)
