@@ -23,8 +23,8 @@ import numpy as np
 from benchmarks.common import abstract, flops_of, median, peak_flops
 from diffax import data, parallel
 from diffax.training.build import build, count_params
-from diffax.training.state import learning_rate_schedule, make_optimizer
-from diffax.training.step import init_state, make_train_step
+from diffax.training.state import learning_rate_schedule
+from diffax.training.step import init_state, make_train_step, state_layout
 
 
 class Bench:
@@ -40,10 +40,8 @@ class Bench:
         parallel.check_batch_size(config.training.batch_size, self.mesh)
         self.batch_size = int(config.training.batch_size)
         self.diffusion = build(config)
-        self.tx = make_optimizer(config.optimizer, config.training.num_steps)
+        self.tx, _, self.state_shardings = state_layout(self.diffusion, config, self.mesh)
         self.lr = learning_rate_schedule(config.optimizer, config.training.num_steps)
-        abstract_state = jax.eval_shape(lambda: init_state(self.diffusion, self.tx))
-        self.state_shardings = parallel.param_sharding(self.mesh, abstract_state, config.mesh.fsdp_min_size)
         self.batch_sharding = parallel.batch_sharding(self.mesh)
         self.state = jax.device_put(init_state(self.diffusion, self.tx), self.state_shardings)
         self.num_params = count_params(self.state.params)

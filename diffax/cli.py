@@ -71,7 +71,7 @@ def _sample(fv: flags.FlagValues, args: list[str]) -> None:
     import numpy as np
 
     from diffax.training import inference
-    from diffax.visualize import image_grid, save_png, save_scatter
+    from diffax.visualize import save_samples
 
     config = _config_or_workdirs(fv)
     with config.unlocked():
@@ -89,10 +89,7 @@ def _sample(fv: flags.FlagValues, args: list[str]) -> None:
     os.makedirs(fv.output, exist_ok=True)
     np.savez(os.path.join(fv.output, "samples.npz"), **out)
     grid = os.path.join(fv.output, "grid.png")
-    if len(run.diffusion.data_shape) == 1:
-        save_scatter(out["images"], out["images"], grid, title=f"{fv.num_samples} samples")
-    else:
-        save_png(image_grid(out["images"][:256]), grid, scale=max(1, 128 // run.diffusion.data_shape[0]))
+    save_samples(out["images"][:256], grid, title=f"{fv.num_samples} samples")  # a grid of at most 256
     print(f"{fv.num_samples} samples from step {run.step} ({config.sampling.sampler}, {config.sampling.steps} steps) "
           f"in {fv.output}/samples.npz and {grid}")
 

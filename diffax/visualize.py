@@ -58,3 +58,14 @@ def save_scatter(samples: np.ndarray, data: np.ndarray, path: str, *, title: str
     picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
     return picture
+
+
+def save_samples(samples: np.ndarray, path: str, *, reference: np.ndarray | None = None, title: str = "") -> np.ndarray:
+    """Save samples as a PNG a person can judge and return it (HWC uint8): a grid of uint8 images
+    (small images enlarged), or for 2-D points a scatter over `reference` data (default: the samples)."""
+    samples = np.asarray(samples)
+    if samples.ndim == 2:
+        return save_scatter(samples, samples if reference is None else reference, path, title=title)
+    picture = image_grid(samples)
+    save_png(picture, path, scale=max(1, 128 // samples.shape[1]))
+    return picture

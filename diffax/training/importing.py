@@ -11,8 +11,7 @@ from diffax import parallel
 from diffax.models.diffusers import load_diffusers_unet
 from diffax.training import checkpoint
 from diffax.training.build import build
-from diffax.training.state import make_optimizer
-from diffax.training.step import init_state
+from diffax.training.step import init_state, state_layout
 from diffax.training.trainer import TrainingError, prepare_workdir
 
 
@@ -47,10 +46,8 @@ def import_diffusers(src_dir: str, workdir: str, base_config: Any) -> Any:
     if jax.tree.structure(imported) != jax.tree.structure(diffusion.params["net"]):
         raise TrainingError("The imported UNet's weights do not match the network its config builds (a diffax bug).")
     diffusion.params = {"net": imported, "schedule": diffusion.params["schedule"]}
-    tx = make_optimizer(config.optimizer, config.training.num_steps)
-    mesh = parallel.make_mesh(config.mesh)
-    state = init_state(diffusion, tx)
-    state = jax.device_put(state, parallel.param_sharding(mesh, state, config.mesh.fsdp_min_size))
+    tx, _, shardings = state_layout(diffusion, config, parallel.make_mesh(config.mesh))
+    state = jax.device_put(init_state(diffusion, tx), shardings)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints, async_save=False)
     try:
         ckpt.save(0, state)

@@ -16,8 +16,7 @@ import numpy as np
 from diffax import configuration, parallel, samplers
 from diffax.training import checkpoint
 from diffax.training.build import Diffusion, build
-from diffax.training.state import make_optimizer
-from diffax.training.step import init_state
+from diffax.training.step import state_layout
 
 
 def make_sample_fn(diffusion: Diffusion, config: Any, mesh: Any, param_shardings: Any) -> Callable:
@@ -120,9 +119,7 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True, config: An
         raise ValueError(f"No checkpoint at step {step} in {workdir}; available steps: {steps}.")
     mesh = parallel.make_mesh(config.mesh)
     diffusion = build(config)
-    tx = make_optimizer(config.optimizer, config.training.num_steps)
-    abstract = jax.eval_shape(lambda: init_state(diffusion, tx))
-    shardings = parallel.param_sharding(mesh, abstract, config.mesh.fsdp_min_size)
+    _, abstract, shardings = state_layout(diffusion, config, mesh)
     ckpt = checkpoint.Checkpointer(workdir, keep=max(len(steps), 1), async_save=False)
     try:
         state = ckpt.restore(step, checkpoint.abstract_like(abstract, shardings))

@@ -27,6 +27,16 @@ def init_state(diffusion: Diffusion, tx: optax.GradientTransformation) -> TrainS
     )
 
 
+def state_layout(diffusion: Diffusion, config: Any, mesh: Any) -> tuple[optax.GradientTransformation, Any, Any]:
+    """(optimizer, abstract TrainState, its shardings): the shapes and placement every run, restore and import share."""
+    from diffax import parallel
+    from diffax.training.state import make_optimizer
+
+    tx = make_optimizer(config.optimizer, config.training.num_steps)
+    abstract = jax.eval_shape(lambda: init_state(diffusion, tx))
+    return tx, abstract, parallel.param_sharding(mesh, abstract, config.mesh.fsdp_min_size)
+
+
 def step_key(seed: int, step: jax.Array) -> jax.Array:
     """The random key of an optimizer step: a function of (seed, step) only."""
     return jax.random.fold_in(jax.random.key(seed), step)

@@ -21,10 +21,10 @@ from absl import logging
 from diffax import configuration, data, parallel
 from diffax.training import checkpoint, inference
 from diffax.training.build import build, count_params
-from diffax.training.state import TrainState, learning_rate_schedule, make_optimizer
-from diffax.training.step import init_state, make_train_step
+from diffax.training.state import TrainState, learning_rate_schedule
+from diffax.training.step import init_state, make_train_step, state_layout
 from diffax.training.writers import MetricWriter, format_duration
-from diffax.visualize import image_grid, save_png, save_scatter
+from diffax.visualize import save_samples
 
 
 class TrainingError(RuntimeError):
@@ -110,14 +110,10 @@ class _Sampler:
         path = os.path.join(self.workdir, "samples", f"step_{step:08d}.png")
         if jax.process_index() != 0:  # every process samples its share; process 0 draws the picture
             return path
-        if len(self.shape) == 1:  # 2-D toy data: samples over data
-            if self.reference is None:
-                it = data.make_iterator(self.config, process_index=0, process_count=1)
-                self.reference = np.concatenate([np.asarray(next(it)["image"]) for _ in range(4)])
-            picture = save_scatter(out["images"], self.reference, path, title=f"step {step}")
-        else:
-            picture = image_grid(out["images"])
-            save_png(picture, path, scale=max(1, 128 // self.shape[0]))
+        if len(self.shape) == 1 and self.reference is None:  # 2-D toy data: samples over data points
+            it = data.make_iterator(self.config, process_index=0, process_count=1)
+            self.reference = np.concatenate([np.asarray(next(it)["image"]) for _ in range(4)])
+        picture = save_samples(out["images"], path, reference=self.reference, title=f"step {step}")
         self.writer.image(step, "samples", picture)
         return path
 
@@ -133,10 +129,7 @@ def train(config: Any, workdir: str, *, force: bool = False) -> dict[str, float]
     parallel.check_batch_size(t.batch_size, mesh)
     diffusion = build(config)
     lr_schedule = learning_rate_schedule(config.optimizer, t.num_steps)
-    tx = make_optimizer(config.optimizer, t.num_steps)
-
-    abstract = jax.eval_shape(lambda: init_state(diffusion, tx))
-    state_shardings = parallel.param_sharding(mesh, abstract, config.mesh.fsdp_min_size)
+    tx, abstract, state_shardings = state_layout(diffusion, config, mesh)
     state = jax.device_put(init_state(diffusion, tx), state_shardings)
     batch_sharding = parallel.batch_sharding(mesh)
     iterator = data.make_iterator(config, sharding=batch_sharding)
