@@ -7,14 +7,18 @@ and the FLOP/s this achieves, counting FLOPs with XLA's cost analysis of the com
 program. Times are medians over --repeats calls after a warm-up call, by the wall clock
 and, as a check on a shared machine, by this process's CPU time.
 
+The forward and train-step rows are compiled as diffax compiles them (diffax/compilation.py:
+on the CPU, YNNPACK fusions off).
+
 Convolution backward on XLA:CPU. The study rows time a 6-layer 64-channel 3x3 conv stack
-(batch 16, 32x32) and the DDPM UNet train step three ways:
-  xla           lax.conv_general_dilated differentiated by JAX (the default);
-  rows          config.model.conv_impl = "rows": the kernel gradient as one 1-D convolution
-                over rows (diffax/models/layers.py, `_kernel_grad_rows`);
-  xla, no-ynn   the default model compiled with compiler_options
-                {"xla_cpu_experimental_ynn_fusion_type": ""}, i.e. XLA's Eigen convolutions
-                instead of YNNPACK fusions.
+(batch 16, 32x32) and the DDPM UNet train step four ways, interleaved in one run:
+  xla             lax.conv_general_dilated differentiated by JAX, XLA's default options (the
+                  plain version every ratio is against);
+  rows            config.model.conv_impl = "rows": the kernel gradient as one 1-D convolution
+                  over rows (diffax/models/layers.py, `_kernel_grad_rows`);
+  xla + no-ynn    compiler_options {"xla_cpu_experimental_ynn_fusion_type": ""}: XLA's Eigen
+                  convolutions instead of YNNPACK fusions (what diffax does on the CPU);
+  rows + no-ynn   both.
 Why: XLA writes the kernel gradient of a conv as a convolution of the input with the output
 gradient whose window is the whole feature map (32x32) and whose contracted feature
 dimension is only the batch (dim_labels b01f_01io->b01f after transposing both operands);
@@ -37,10 +41,12 @@ import optax
 from flax import nnx
 
 from configs.default import get_config
+from diffax import compilation
 from diffax.models import build_model, count_params
 from diffax.models.layers import conv2d
 
-NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+NO_YNN = compilation.CPU_WITHOUT_YNNPACK
+STUDY_VARIANTS = [("xla", None), ("rows", None), ("xla", NO_YNN), ("rows", NO_YNN)]
 
 
 def ddpm_cifar10_cfg(**kw):
@@ -130,12 +136,13 @@ def _row(base: dict, kind: str, options, compile_s: float, t: dict, flops: float
 
 
 def bench_model(name: str, batch: int, repeats: int) -> list[dict]:
-    """Forward and train-step rows for one model (default config, default compiler options)."""
+    """Forward and train-step rows for one model (default config, compiled as diffax compiles)."""
     base, (fwd, fwd_args), (step, step_args) = _setup(name, batch)
+    options = compilation.compiler_options(get_config())
     rows = []
     for kind, fn, args in (("forward", fwd, fwd_args), ("train_step", step, step_args)):
-        compiled, compile_s = compile_timed(fn, args, None)
-        rows.append(_row(base, kind, None, compile_s, timed(compiled, args, repeats), flops_of(compiled)))
+        compiled, compile_s = compile_timed(fn, args, options)
+        rows.append(_row(base, kind, options, compile_s, timed(compiled, args, repeats), flops_of(compiled)))
     return rows
 
 
@@ -156,10 +163,9 @@ def interleaved(fns: list[tuple[Callable, tuple]], repeats: int) -> list[dict[st
 
 
 def train_step_variant_rows(name: str, batch: int, repeats: int) -> list[dict]:
-    """The train step of `name` with conv_impl xla, conv_impl rows, and xla without YNNPACK fusions, interleaved."""
-    variants = [("xla", None), ("rows", None), ("xla", NO_YNN)]
+    """The train step of `name` in each STUDY_VARIANTS (conv_impl, compiler options), interleaved."""
     built = []
-    for impl, options in variants:
+    for impl, options in STUDY_VARIANTS:
         base, _, (step, args) = _setup(name, batch, conv_impl=impl)
         compiled, compile_s = compile_timed(step, args, options)
         built.append((base, options, compile_s, compiled, args))
@@ -171,7 +177,7 @@ def train_step_variant_rows(name: str, batch: int, repeats: int) -> list[dict]:
 
 
 def conv_stack_rows(repeats: int, *, batch: int = 16, size: int = 32, channels: int = 64, depth: int = 6) -> list[dict]:
-    """fwd+bwd of a `depth`-layer 3x3 conv stack: conv_impl xla vs rows vs xla without YNNPACK fusions."""
+    """fwd+bwd of a `depth`-layer 3x3 conv stack in each STUDY_VARIANTS (conv_impl, compiler options)."""
     rng = np.random.default_rng(0)
     ks = [jnp.asarray(rng.standard_normal((3, 3, channels, channels)) * 0.05, jnp.float32) for _ in range(depth)]
     x = jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32)
@@ -181,9 +187,8 @@ def conv_stack_rows(repeats: int, *, batch: int = 16, size: int = 32, channels: 
             x = jax.nn.relu(conv2d(x, k, padding=((1, 1), (1, 1)), impl=impl))
         return jnp.sum(x**2)
 
-    variants = [("xla", None), ("rows", None), ("xla", NO_YNN)]
     compiled = []
-    for impl, options in variants:
+    for impl, options in STUDY_VARIANTS:
         grad = jax.grad(lambda ks, x, impl=impl: loss(ks, x, impl), argnums=(0, 1))
         compiled.append(compile_timed(grad, (ks, x), options)[0])
     times = interleaved([(fn, (ks, x)) for fn in compiled], repeats)
@@ -191,7 +196,7 @@ def conv_stack_rows(repeats: int, *, batch: int = 16, size: int = 32, channels: 
     base = {"model": f"conv stack {depth}x{channels}ch {size}x{size}", "batch": batch}
     return [
         {**_row({**base, "conv_impl": impl}, "fwd+bwd", options, 0.0, t, flops), "study": True}
-        for (impl, options), t in zip(variants, times)
+        for (impl, options), t in zip(STUDY_VARIANTS, times)
     ]
 
 
@@ -208,7 +213,7 @@ def table(rows: list[dict]) -> str:
 
 
 def ratios(rows: list[dict]) -> list[str]:
-    """Speed of each conv-study variant relative to conv_impl=xla with default options (same interleaved run)."""
+    """Speed of each conv-study variant relative to conv_impl=xla with XLA's default options (same interleaved run)."""
     lines = []
     study = [r for r in rows if r.get("study")]
     for model in dict.fromkeys(r["model"] for r in study):
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=0, help="0: 3 on CPU, 20 on accelerators")
     p.add_argument("--conv-study", default="auto", choices=["auto", "none", "stack", "all"],
                    help="conv backward study: stack = the 6-layer conv stack; all = also the DDPM UNet train step "
-                        "with conv_impl=rows and without YNN fusions; auto = all on CPU, none elsewhere")  # fmt: skip
+                        "in the same four variants; auto = all on CPU, none elsewhere")  # fmt: skip
     p.add_argument("--output", default="", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)
     cpu = jax.default_backend() == "cpu"

@@ -220,6 +220,30 @@ def sampler_figures(bench: Bench, options: Options) -> dict[str, Any]:
     }
 
 
+# ----------------------------------------------------------------------------- compiler options
+def versus_plain_xla(bench: Bench, options: Options) -> dict[str, Any] | None:
+    """Where diffax compiles with its own options (diffax/compilation.py; on the CPU: YNNPACK off),
+    the train step compiled with XLA's defaults, timed in windows interleaved with diffax's step;
+    speed-up = plain step time / diffax step time, formed per round. None where diffax sets none."""
+    if not bench.compiler_options:
+        return None
+    plain = Bench(bench.config, compiler_options=None)
+    plain.compiled, _ = plain.compile_once()
+    jax.block_until_ready(plain.step(plain.batch))  # warm-up (bench's step already ran)
+    rounds = []
+    for _ in range(options.repeats):
+        (ours, ours_cpu), (base, base_cpu) = bench.window(options.steps_per_repeat), plain.window(options.steps_per_repeat)
+        rounds.append({"diffax_s": ours, "plain_s": base, "speedup": base / ours, "speedup_cpu": base_cpu / ours_cpu})
+    return {
+        "compiler_options": bench.compiler_options,
+        "diffax_step_time_s": median([r["diffax_s"] for r in rounds]),
+        "plain_step_time_s": median([r["plain_s"] for r in rounds]),
+        "speedup": median([r["speedup"] for r in rounds]),
+        "speedup_cpu": median([r["speedup_cpu"] for r in rounds]),
+        "rounds": rounds,
+    }
+
+
 # ----------------------------------------------------------------------------- the suite
 def run(config: Any, options: Options, *, argv: list[str] | None = None, config_name: str = "") -> dict[str, Any]:
     """Measure every figure for `config` and return them as one JSON-ready dict."""
@@ -246,6 +270,11 @@ def run(config: Any, options: Options, *, argv: list[str] | None = None, config_
     log(f"train step {1e3 * train['step_time_s']:.1f} ms, {train['images_per_s']:.1f} images/s, "
         f"{train['flop_per_s'] / 1e9:.1f} GFLOP/s")
 
+    plain = versus_plain_xla(bench, options)
+    if plain:
+        log(f"train step with XLA's default options {1e3 * plain['plain_step_time_s']:.1f} ms: diffax's options "
+            f"{plain['compiler_options']} are {plain['speedup']:.2f}x its speed")
+
     data_config, fallback = stall_config(config)
     stall = bench.input_stall(data_config, options.stall_steps, options.repeats)
     stall["fallback"] = fallback
@@ -269,6 +298,7 @@ def run(config: Any, options: Options, *, argv: list[str] | None = None, config_
             "options": dataclasses.asdict(options),
         },
         "train_step": train,
+        "versus_plain_xla": plain,
         "memory": memory,
         "samplers": samplers,
         "input": stall,
@@ -298,6 +328,14 @@ def markdown(result: dict[str, Any]) -> str:
         ("train step (ms)", f"{1e3 * t['step_time_s']:.1f}"
          + (f" (CPU time {1e3 * t['step_cpu_s']:.1f})" if cpu else "")),
         ("train images/s", f"{t['images_per_s']:.1f}"),
+    ]
+    plain = result.get("versus_plain_xla")
+    if plain:
+        opts = ", ".join(f"{k}={v!r}" for k, v in plain["compiler_options"].items())
+        rows.append((f"train step speed-up of diffax's compiler options ({opts}) over XLA's defaults",
+                     f"{plain['speedup']:.2f}x ({1e3 * plain['plain_step_time_s']:.1f} ms -> "
+                     f"{1e3 * plain['diffax_step_time_s']:.1f} ms" + (f"; CPU time {plain['speedup_cpu']:.2f}x)" if cpu else ")")))
+    rows += [
         ("FLOPs per step (XLA cost analysis)", _si(t["flops_per_step"], "FLOP")),
         ("achieved FLOP/s", _si(t["flop_per_s"], "FLOP/s")),
         ("MFU", "n/a (peak unknown)" if t["mfu"] is None

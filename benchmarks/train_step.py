@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from benchmarks.common import abstract, flops_of, median, peak_flops
-from diffax import data, parallel
+from diffax import compilation, data, parallel
 from diffax.training.build import build, count_params
 from diffax.training.state import learning_rate_schedule
 from diffax.training.step import init_state, make_train_step, state_layout
@@ -30,7 +30,8 @@ from diffax.training.step import init_state, make_train_step, state_layout
 class Bench:
     """One config's train step, built the trainer's way, with a fixed synthetic batch on the devices."""
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, compiler_options: dict | None | str = "config"):
+        """compiler_options: "config" = what the trainer uses (diffax.compilation), else this dict or None."""
         t = config.training
         if int(t.steps_per_dispatch) != 1:
             config = config.copy_and_resolve_references()
@@ -46,6 +47,9 @@ class Bench:
         self.state = jax.device_put(init_state(self.diffusion, self.tx), self.state_shardings)
         self.num_params = count_params(self.state.params)
         self.batch = self._synthetic_batch()
+        self.compiler_options = (
+            compilation.compiler_options(config) if compiler_options == "config" else compiler_options
+        )
         self.compiled = None  # the executable every measurement here runs
 
     def _synthetic_batch(self) -> dict[str, jax.Array]:
@@ -66,6 +70,7 @@ class Bench:
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, parallel.replicated(self.mesh)),
             donate_argnums=0,
+            compiler_options=self.compiler_options,
         )
 
     def compile_once(self) -> tuple[Any, float]:
@@ -94,20 +99,22 @@ class Bench:
         self.state, metrics = self.compiled(self.state, batch)
         return metrics
 
+    def window(self, steps: int) -> tuple[float, float]:
+        """(wall, process CPU) seconds per step over `steps` steps on the fixed batch, synchronised at the end."""
+        w, c = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            metrics = self.step(self.batch)
+        jax.block_until_ready((self.state, metrics))
+        return (time.perf_counter() - w) / steps, (time.process_time() - c) / steps
+
     def throughput(self, repeats: int, steps_per_repeat: int) -> dict[str, Any]:
         """Step time (median over `repeats` windows of `steps_per_repeat` steps after a warm-up step),
         images/s, XLA FLOPs per step, achieved FLOP/s and MFU."""
         if self.compiled is None:
             self.compiled, _ = self.compile_once()
         jax.block_until_ready(self.step(self.batch))  # warm-up
-        wall, cpu = [], []
-        for _ in range(repeats):
-            w, c = time.perf_counter(), time.process_time()
-            for _ in range(steps_per_repeat):
-                metrics = self.step(self.batch)
-            jax.block_until_ready((self.state, metrics))
-            wall.append((time.perf_counter() - w) / steps_per_repeat)
-            cpu.append((time.process_time() - c) / steps_per_repeat)
+        windows = [self.window(steps_per_repeat) for _ in range(repeats)]
+        wall, cpu = [w for w, _ in windows], [c for _, c in windows]
         step_s = median(wall)
         n_dev = jax.device_count()
         flops_device = flops_of(self.compiled)  # one device's partition of the SPMD program

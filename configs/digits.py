@@ -1,6 +1,6 @@
 """The offline default: a small UNet on scikit-learn's bundled 8x8 digits at their native size.
 
-Needs no download and trains on a 2-core CPU in about 6 to 8 minutes:
+Needs no download and trains on a 2-core CPU in about 4 minutes:
     diffax train --config configs/digits.py --workdir runs/digits
 Padding to 16x16 (`--config.data.image_size=16`) costs about 4x the compute on a
 CPU for no extra detail.

@@ -21,6 +21,7 @@ RESUMABLE_PREFIXES = (
     "data.prefetch",
     "sampling.",
     "eval.",
+    "xla_cpu_ynnpack",
 )
 
 

@@ -79,6 +79,18 @@ def test_suite_records_every_figure_with_consistent_values(result):
     runs = comp["runs_s"]
     assert comp["ratio"] == pytest.approx(statistics.median(x["1000"] / x["10"] for x in runs))
 
+    # diffax's compiler options against XLA's defaults: per-round ratios of interleaved windows
+    plain = r["versus_plain_xla"]
+    if m["platform"] == "cpu":
+        assert plain["compiler_options"] == {"xla_cpu_experimental_ynn_fusion_type": ""}
+        assert len(plain["rounds"]) == 5
+        for x in plain["rounds"]:
+            assert x["speedup"] == pytest.approx(x["plain_s"] / x["diffax_s"])
+        assert plain["speedup"] == pytest.approx(statistics.median(x["speedup"] for x in plain["rounds"]))
+        assert f"{plain['speedup']:.2f}x" in text
+    else:
+        assert plain is None
+
     # input stall: the trainer's data_wait_fraction, median over windows
     i = r["input"]
     assert 0 <= i["wait_fraction"] <= 1 and len(i["windows"]) == 5

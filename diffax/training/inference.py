@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from diffax import configuration, parallel, samplers
+from diffax import compilation, configuration, parallel, samplers
 from diffax.training import checkpoint
 from diffax.training.build import Diffusion, build
 from diffax.training.step import state_layout
@@ -40,6 +40,7 @@ def make_sample_fn(diffusion: Diffusion, config: Any, mesh: Any, param_shardings
         sample,
         in_shardings=(param_shardings, batch, parallel.replicated(mesh), batch),
         out_shardings=batch,
+        compiler_options=compilation.compiler_options(config),
     )
 
 

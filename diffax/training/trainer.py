@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffax import configuration, data, parallel
+from diffax import compilation, configuration, data, parallel
 from diffax.training import checkpoint, inference
 from diffax.training.build import build, count_params
 from diffax.training.state import TrainState, learning_rate_schedule
@@ -150,6 +150,7 @@ def train(config: Any, workdir: str, *, force: bool = False) -> dict[str, float]
         in_shardings=(state_shardings, batch_in),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
+        compiler_options=compilation.compiler_options(config),
     )
     writer = MetricWriter(workdir, resume_step=step)
     sampler = _Sampler(diffusion, config, mesh, workdir, writer, state_shardings.ema)
