@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import statistics
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.extend
 
 # Dense bfloat16 peak TFLOP/s per device (vendor data sheets), matched against jax.devices()[0].device_kind
 # in this order (the first substring test that passes wins; "H100 PCIe" must come before plain "H100").
@@ -78,19 +80,53 @@ def abstract(tree: Any, shardings: Any = None) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def flops_of(compiled: Any) -> float:
+def xla_flops(compiled: Any) -> float:
     """FLOPs of a compiled XLA program by its cost analysis (0 when the backend gives none).
 
-    For an SPMD program this is one device's share: XLA analyses the partitioned module.
+    For an SPMD program this is one device's share: XLA analyses the partitioned module. XLA counts
+    a while loop's body once, whatever its trip count, so a `lax.scan` is undercounted: see
+    `matmul_flops`.
     """
-    try:  # benchmarks/models.py has the same helper; use it when present so both count alike
-        from benchmarks.models import flops_of as models_flops_of
-    except ImportError:
-        models_flops_of = None
-    if models_flops_of is not None:
-        return float(models_flops_of(compiled))
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return float((cost or {}).get("flops", 0.0))
 
+
+def matmul_flops(fn: Callable, *args: Any) -> float:
+    """FLOPs of the matrix products in fn(*args): 2 x the multiply-adds of every dot_general and
+    convolution in its jaxpr, a scan body counted `length` times (the model-FLOPs convention of
+    MFU, Chowdhery et al. 2022, app. B; elementwise work is left out). Global, not per device."""
+    jitted = fn if hasattr(fn, "trace") else jax.jit(fn)  # a jit with compiler_options cannot be nested
+    return _jaxpr_flops(jitted.trace(*args).jaxpr.jaxpr)
+
+
+def _jaxpr_flops(jaxpr: Any) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        out = eqn.outvars[0].aval.shape if eqn.outvars else ()
+        if name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in contract)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape  # one output element: the kernel's elements per output feature
+            total += 2.0 * math.prod(out) * math.prod(rhs) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+        subs = [_jaxpr_flops(j) for j in _subjaxprs(eqn.params)]
+        if name == "cond":
+            total += max(subs, default=0.0)  # one branch runs
+        else:  # a while loop's trip count is unknown: its body counts once
+            total += sum(subs) * (eqn.params["length"] if name == "scan" else 1)
+    return total
+
+
+def _subjaxprs(params: dict) -> list:
+    found = []
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, jax.extend.core.ClosedJaxpr):
+                found.append(v.jaxpr)
+            elif isinstance(v, jax.extend.core.Jaxpr):
+                found.append(v)
+    return found

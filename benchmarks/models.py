@@ -3,8 +3,8 @@
 For the DDPM CIFAR-10 UNet (Ho et al. 2020; 35.7M parameters, 32x32x3) and DiT-S/2
 (Peebles & Xie 2023; 32x32x4 latents, 1000 classes, learned sigma): images/s of a jitted
 forward pass and of a train step (eps-prediction MSE, gradient, Adam update, dropout on),
-and the FLOP/s this achieves, counting FLOPs with XLA's cost analysis of the compiled
-program. Times are medians over --repeats calls after a warm-up call, by the wall clock
+and the FLOP/s this achieves, counting the FLOPs of the matrix products in the program's
+jaxpr (benchmarks/common.py `matmul_flops`; XLA's cost analysis counts DiT's scanned blocks once). Times are medians over --repeats calls after a warm-up call, by the wall clock
 and, as a check on a shared machine, by this process's CPU time.
 
 The forward and train-step rows are compiled as diffax compiles them (diffax/compilation.py:
@@ -18,7 +18,8 @@ Convolution backward on XLA:CPU. The study rows time a 6-layer 64-channel 3x3 co
                   over rows (diffax/models/layers.py, `_kernel_grad_rows`);
   xla + no-ynn    compiler_options {"xla_cpu_experimental_ynn_fusion_type": ""}: XLA's Eigen
                   convolutions instead of YNNPACK fusions (what diffax does on the CPU);
-  rows + no-ynn   both.
+  rows + no-ynn   both;
+and, where PyTorch is installed (pip install -e ".[torch]"), the same stack in PyTorch.
 Why: XLA writes the kernel gradient of a conv as a convolution of the input with the output
 gradient whose window is the whole feature map (32x32) and whose contracted feature
 dimension is only the batch (dim_labels b01f_01io->b01f after transposing both operands);
@@ -40,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks.common import matmul_flops
 from configs.default import get_config
 from diffax import compilation
 from diffax.models import build_model, count_params
@@ -68,14 +70,6 @@ MODELS = {
     "ddpm_cifar10": (ddpm_cifar10_cfg, (32, 32, 3), 0),
     "dit_s2": (dit_s2_cfg, (32, 32, 4), 1000),
 }
-
-
-def flops_of(compiled) -> float:
-    """FLOPs of a compiled XLA program by its cost analysis (0 when the backend gives none)."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
 
 
 def timed(fn: Callable, args: tuple, repeats: int) -> dict[str, float]:
@@ -142,7 +136,7 @@ def bench_model(name: str, batch: int, repeats: int) -> list[dict]:
     rows = []
     for kind, fn, args in (("forward", fwd, fwd_args), ("train_step", step, step_args)):
         compiled, compile_s = compile_timed(fn, args, options)
-        rows.append(_row(base, kind, options, compile_s, timed(compiled, args, repeats), flops_of(compiled)))
+        rows.append(_row(base, kind, options, compile_s, timed(compiled, args, repeats), matmul_flops(fn, *args)))
     return rows
 
 
@@ -169,11 +163,10 @@ def train_step_variant_rows(name: str, batch: int, repeats: int) -> list[dict]:
         base, _, (step, args) = _setup(name, batch, conv_impl=impl)
         compiled, compile_s = compile_timed(step, args, options)
         built.append((base, options, compile_s, compiled, args))
+        if impl == "xla" and options is None:
+            flops = matmul_flops(step, *args)  # the same work in every variant: count the plain one
     times = interleaved([(c, a) for _, _, _, c, a in built], repeats)
-    return [
-        {**_row(b, "train_step", o, cs, t, flops_of(c)), "study": True}
-        for (b, o, cs, c, _), t in zip(built, times)
-    ]
+    return [{**_row(b, "train_step", o, cs, t, flops), "study": True} for (b, o, cs, _, _), t in zip(built, times)]
 
 
 def conv_stack_rows(repeats: int, *, batch: int = 16, size: int = 32, channels: int = 64, depth: int = 6) -> list[dict]:
@@ -191,13 +184,42 @@ def conv_stack_rows(repeats: int, *, batch: int = 16, size: int = 32, channels: 
     for impl, options in STUDY_VARIANTS:
         grad = jax.grad(lambda ks, x, impl=impl: loss(ks, x, impl), argnums=(0, 1))
         compiled.append(compile_timed(grad, (ks, x), options)[0])
-    times = interleaved([(fn, (ks, x)) for fn in compiled], repeats)
-    flops = flops_of(compiled[0])
+        if impl == "xla" and options is None:
+            flops = matmul_flops(grad, ks, x)
+    fns = [(fn, (ks, x)) for fn in compiled]
+    torch_grad = _torch_conv_stack(ks, x)
+    if torch_grad is not None:
+        fns.append((torch_grad, ()))
+    times = interleaved(fns, repeats)
     base = {"model": f"conv stack {depth}x{channels}ch {size}x{size}", "batch": batch}
-    return [
+    rows = [
         {**_row({**base, "conv_impl": impl}, "fwd+bwd", options, 0.0, t, flops), "study": True}
         for (impl, options), t in zip(STUDY_VARIANTS, times)
     ]
+    if torch_grad is not None:
+        import torch
+
+        rows.append({**_row({**base, "conv_impl": f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads"},
+                            "fwd+bwd", None, 0.0, times[-1], flops), "study": True})  # fmt: skip
+    return rows
+
+
+def _torch_conv_stack(ks: list, x) -> Callable | None:
+    """The same conv stack's fwd+bwd in PyTorch (NCHW, same weights), or None without torch installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    weights = [torch.nn.Parameter(torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy())) for k in ks]
+    inp = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+
+    def grad():
+        h = inp
+        for w in weights:
+            h = torch.relu(torch.nn.functional.conv2d(h, w, padding=1))
+        return torch.autograd.grad((h**2).sum(), [*weights, inp])
+
+    return grad
 
 
 def table(rows: list[dict]) -> str:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.default import get_config
+from diffax import compilation
 from diffax.models import build_model
 from diffax.parameterization import get_parameterization
 from diffax.samplers import sample
@@ -81,13 +82,15 @@ def main(argv: list[str] | None = None) -> dict:
     noise = jax.random.normal(jax.random.PRNGKey(0), (args.batch, *shape))
     key = jax.random.PRNGKey(1)
     c_noise = jnp.full((args.batch,), 500.0)
-    net = jax.jit(lambda state, z, c: apply_fn(state, z, c, None))
+    options = compilation.compiler_options(config)  # both sides compiled as diffax compiles its samplers
+    net = jax.jit(lambda state, z, c: apply_fn(state, z, c, None), compiler_options=options)
 
     def make(name: str, steps: int):
         sc = config.sampling.copy_and_resolve_references()
         sc.sampler, sc.steps = name, steps
         return jax.jit(
-            lambda state, n, k: sample(sc, config.diffusion, schedule, param, lambda *a: apply_fn(state, *a), n, k)
+            lambda state, n, k: sample(sc, config.diffusion, schedule, param, lambda *a: apply_fn(state, *a), n, k),
+            compiler_options=options,
         )
 
     rows = []

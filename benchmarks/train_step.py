@@ -3,9 +3,10 @@
 `Bench(config)` builds what `diffax.training.trainer.train` builds (mesh, model, optimizer, sharded
 train state, the jitted step with donated state) and measures:
 
-  * `throughput`: seconds per optimizer step on a fixed device batch, images/s, FLOPs per step from
-    XLA's cost analysis of the compiled step, achieved FLOP/s = FLOPs / step time, and MFU against
-    the device's dense bfloat16 peak (benchmarks/common.py; None where unknown, e.g. CPU);
+  * `throughput`: seconds per optimizer step on a fixed device batch, images/s, FLOPs per step (the
+    matrix products of the step's jaxpr, a scanned body times its trip count; XLA's cost analysis of
+    the compiled step beside it, which counts a loop body once), achieved FLOP/s = FLOPs / step time,
+    and MFU against the device's dense bfloat16 peak (benchmarks/common.py; None where unknown, e.g. CPU);
   * `compile_time`: trace + lower + compile of a fresh jitted step;
   * `memory`: the device allocator's peak (`memory_stats()['peak_bytes_in_use']`) where the backend
     has one, else the compiled step's `memory_analysis()` (argument + output - alias + temp bytes);
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from benchmarks.common import abstract, flops_of, median, peak_flops
+from benchmarks.common import abstract, matmul_flops, median, peak_flops, xla_flops
 from diffax import compilation, data, parallel
 from diffax.training.build import build, count_params
 from diffax.training.state import learning_rate_schedule
@@ -109,7 +110,7 @@ class Bench:
 
     def throughput(self, repeats: int, steps_per_repeat: int) -> dict[str, Any]:
         """Step time (median over `repeats` windows of `steps_per_repeat` steps after a warm-up step),
-        images/s, XLA FLOPs per step, achieved FLOP/s and MFU."""
+        images/s, FLOPs per step, achieved FLOP/s and MFU."""
         if self.compiled is None:
             self.compiled, _ = self.compile_once()
         jax.block_until_ready(self.step(self.batch))  # warm-up
@@ -117,8 +118,10 @@ class Bench:
         wall, cpu = [w for w, _ in windows], [c for _, c in windows]
         step_s = median(wall)
         n_dev = jax.device_count()
-        flops_device = flops_of(self.compiled)  # one device's partition of the SPMD program
-        flops = flops_device * n_dev
+        # Model FLOPs (matrix products, scans x trip count) drive FLOP/s and MFU; XLA's cost analysis
+        # (one device's partition; a loop body counted once) is recorded beside them as a check.
+        flops = matmul_flops(self.jitted_step(), abstract(self.state, self.state_shardings), abstract(self.batch))
+        xla_device = xla_flops(self.compiled)
         flop_per_s = flops / step_s
         kind = jax.devices()[0].device_kind
         peak = peak_flops(kind)
@@ -128,7 +131,8 @@ class Bench:
             "step_cpu_s": median(cpu),  # this process's CPU time: a check on a shared CPU host
             "images_per_s": self.batch_size / step_s,
             "flops_per_step": flops,
-            "flops_per_step_per_device": flops_device,
+            "xla_flops_per_step": xla_device * n_dev,
+            "xla_flops_per_step_per_device": xla_device,
             "flops_per_image": flops / self.batch_size,
             "flop_per_s": flop_per_s,
             "peak_flop_per_s": None if peak is None else peak * n_dev,

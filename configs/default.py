@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.flip_sin_to_cos = False  # sinusoidal embedding order: False [sin, cos] (DDPM), True [cos, sin] (ADM, DiT)
     m.freq_shift = 1.0  # frequencies 10000^(-i / (dim/2 - freq_shift)): 1 DDPM, 0 ADM / DiT (diffusers' freq_shift)
     m.fourier_scale = 16.0  # std of the Gaussian Fourier features when embedding = fourier (NCSN++)
-    m.conv_impl = "xla"  # xla | rows: rows computes conv kernel gradients as 1-D row convolutions (faster on XLA:CPU)
+    m.conv_impl = "xla"  # xla | rows: conv kernel gradients as 1-D row convolutions (faster on XLA:CPU with YNNPACK on)
     # DiT
     m.patch_size = 2
     m.hidden_size = 384

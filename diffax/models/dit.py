@@ -5,6 +5,9 @@ conditioning on (noise-level + class) embedding -> adaLN final layer -> unpatchi
 Presets (Table 1 of the paper; parameters at 256x256 images, i.e. 32x32x4 latents, 1000
 classes, learned sigma): S 33M, B 130M, L 458M, XL 675M; patch size 2, 4 or 8, e.g.
 config.model.preset = "XL/2".
+
+The blocks' weights are stacked on a leading depth axis (`blocks.qkv.kernel` is
+[depth, hidden, 3 hidden]) and the blocks run under one `lax.scan`.
 """
 from __future__ import annotations
 
