@@ -4,16 +4,15 @@ For the DDPM CIFAR-10 UNet (Ho et al. 2020; 35.7M parameters, 32x32x3) and DiT-S
 (Peebles & Xie 2023; 32x32x4 latents, 1000 classes, learned sigma): images/s of a jitted
 forward pass and of a train step (eps-prediction MSE, gradient, Adam update, dropout on),
 and the FLOP/s this achieves, counting the FLOPs of the matrix products in the program's
-jaxpr (benchmarks/common.py `matmul_flops`; XLA's cost analysis counts DiT's scanned blocks once). Times are medians over --repeats calls after a warm-up call, by the wall clock
-and, as a check on a shared machine, by this process's CPU time.
+jaxpr (benchmarks/common.py `matmul_flops`; XLA's cost analysis counts DiT's scanned blocks
+once). Times are medians over --repeats calls after a warm-up call, by the wall clock and, as
+a check on a shared machine, by this process's CPU time. These rows are compiled as diffax
+compiles (diffax/compilation.py: on the CPU, YNNPACK fusions off).
 
-The forward and train-step rows are compiled as diffax compiles them (diffax/compilation.py:
-on the CPU, YNNPACK fusions off).
-
-Convolution backward on XLA:CPU. The study rows time a 6-layer 64-channel 3x3 conv stack
-(batch 16, 32x32) and the DDPM UNet train step four ways, interleaved in one run:
+Study 1, convolution backward on XLA:CPU: a 6-layer 64-channel 3x3 conv stack (batch 16,
+32x32) and the DDPM UNet train step, four ways interleaved in one run:
   xla             lax.conv_general_dilated differentiated by JAX, XLA's default options (the
-                  plain version every ratio is against);
+                  plain version the ratios are against);
   rows            config.model.conv_impl = "rows": the kernel gradient as one 1-D convolution
                   over rows (diffax/models/layers.py, `_kernel_grad_rows`);
   xla + no-ynn    compiler_options {"xla_cpu_experimental_ynn_fusion_type": ""}: XLA's Eigen
@@ -22,9 +21,12 @@ Convolution backward on XLA:CPU. The study rows time a 6-layer 64-channel 3x3 co
 and, where PyTorch is installed (pip install -e ".[torch]"), the same stack in PyTorch.
 Why: XLA writes the kernel gradient of a conv as a convolution of the input with the output
 gradient whose window is the whole feature map (32x32) and whose contracted feature
-dimension is only the batch (dim_labels b01f_01io->b01f after transposing both operands);
-the YNNPACK kernels that XLA:CPU uses by default run that shape about 2x slower than XLA's Eigen path and
-2-3x slower than a forward convolution of the same FLOPs, so the backward pass dominates a train step.
+dimension is only the batch; the YNNPACK kernels XLA:CPU uses by default run that shape on
+about one core (process CPU time ~ wall time) and 2-3x slower than the Eigen path.
+
+Study 2, DiT blocks: fwd+bwd of DiT-S/2's 12 blocks under one lax.scan (as diffax runs them)
+against the same blocks unrolled, on which XLA:CPU fuses the backward pass into loops that
+recompute earlier blocks.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from benchmarks.common import matmul_flops
 from configs.default import get_config
 from diffax import compilation
 from diffax.models import build_model, count_params
+from diffax.models.dit import parse_preset
 from diffax.models.layers import conv2d
 
 NO_YNN = compilation.CPU_WITHOUT_YNNPACK
@@ -104,7 +107,7 @@ def _setup(name: str, batch: int, **cfg_kw):
     tx = optax.adam(1e-4)
     opt_state = tx.init(params)
     base = {"model": name, "batch": batch, "params": count_params(cfg, data_shape=shape, num_classes=num_classes),
-            "conv_impl": cfg.conv_impl}  # fmt: skip
+            "variant": f"conv_impl={cfg.conv_impl}"}  # fmt: skip
 
     def fwd(params, x, c, y):
         return nnx.merge(graphdef, params, rest)(x, c, y)
@@ -166,7 +169,10 @@ def train_step_variant_rows(name: str, batch: int, repeats: int) -> list[dict]:
         if impl == "xla" and options is None:
             flops = matmul_flops(step, *args)  # the same work in every variant: count the plain one
     times = interleaved([(c, a) for _, _, _, c, a in built], repeats)
-    return [{**_row(b, "train_step", o, cs, t, flops), "study": True} for (b, o, cs, _, _), t in zip(built, times)]
+    return [
+        {**_row({**b, "variant": _variant(impl, o)}, "train_step", o, cs, t, flops), "baseline": impl == "xla" and not o}
+        for (impl, _), (b, o, cs, _, _), t in zip(STUDY_VARIANTS, built, times)
+    ]
 
 
 def conv_stack_rows(repeats: int, *, batch: int = 16, size: int = 32, channels: int = 64, depth: int = 6) -> list[dict]:
@@ -193,14 +199,15 @@ def conv_stack_rows(repeats: int, *, batch: int = 16, size: int = 32, channels: 
     times = interleaved(fns, repeats)
     base = {"model": f"conv stack {depth}x{channels}ch {size}x{size}", "batch": batch}
     rows = [
-        {**_row({**base, "conv_impl": impl}, "fwd+bwd", options, 0.0, t, flops), "study": True}
+        {**_row({**base, "variant": _variant(impl, options)}, "fwd+bwd", options, 0.0, t, flops),
+         "baseline": impl == "xla" and not options}
         for (impl, options), t in zip(STUDY_VARIANTS, times)
     ]
     if torch_grad is not None:
         import torch
 
-        rows.append({**_row({**base, "conv_impl": f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads"},
-                            "fwd+bwd", None, 0.0, times[-1], flops), "study": True})  # fmt: skip
+        rows.append({**_row({**base, "variant": f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads"},
+                            "fwd+bwd", None, 0.0, times[-1], flops), "baseline": False})  # fmt: skip
     return rows
 
 
@@ -222,33 +229,75 @@ def _torch_conv_stack(ks: list, x) -> Callable | None:
     return grad
 
 
+def dit_blocks_rows(repeats: int, *, batch: int = 8) -> list[dict]:
+    """fwd+bwd of DiT-S/2's 12 blocks (256 tokens of width 384) under one lax.scan, as diffax runs them,
+    and unrolled into a Python loop over the same stacked weights, interleaved."""
+    from diffax.models.dit import DiTBlock
+
+    depth, hidden, heads, _ = parse_preset("S/2")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, 256, hidden)), jnp.float32)
+    cond = jnp.asarray(rng.standard_normal((batch, hidden)), jnp.float32)
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return DiTBlock(hidden, heads, 4.0, dropout=0.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+
+    block_def, stacked = nnx.split(make(nnx.Rngs(0)))
+    stacked = jax.tree.map(lambda w: w + 0.01, stacked)  # adaLN-Zero starts at zero: make every block act
+
+    def scanned(stacked, x):
+        h, _ = jax.lax.scan(lambda h, w: (nnx.merge(block_def, w)(h, cond), None), x, stacked)
+        return jnp.mean(h**2)
+
+    def unrolled(stacked, x):
+        for i in range(depth):
+            x = nnx.merge(block_def, jax.tree.map(lambda w: w[i], stacked))(x, cond)
+        return jnp.mean(x**2)
+
+    options = compilation.compiler_options(get_config())
+    built = []
+    for name, fn in (("scan", scanned), ("unrolled", unrolled)):
+        grad = jax.grad(fn, argnums=(0, 1))
+        compiled, compile_s = compile_timed(grad, (stacked, x), options)
+        built.append((name, compiled, compile_s, matmul_flops(grad, stacked, x)))
+    times = interleaved([(c, (stacked, x)) for _, c, _, _ in built], repeats)
+    base = {"model": f"DiT-S/2 blocks ({depth})", "batch": batch}
+    return [{**_row({**base, "variant": name}, "fwd+bwd", options, cs, t, flops), "baseline": name == "unrolled"}
+            for (name, _, cs, flops), t in zip(built, times)]  # fmt: skip
+
+
 def table(rows: list[dict]) -> str:
-    head = "| model | kind | conv_impl | compiler options | batch | ms | CPU ms | images/s | GFLOP/s |"
+    head = "| model | kind | variant | compiler options | batch | ms | CPU ms | images/s | GFLOP/s |"
     out = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         opts = ",".join(f"{k}={v!r}" for k, v in r["compiler_options"].items()) or "-"
         out.append(
-            f"| {r['model']} | {r['kind']} | {r['conv_impl']} | {opts} | {r['batch']} | {1e3 * r['time_s']:.1f} | "
+            f"| {r['model']} | {r['kind']} | {r['variant']} | {opts} | {r['batch']} | {1e3 * r['time_s']:.1f} | "
             f"{1e3 * r['cpu_s']:.1f} | {r['images_per_s']:.2f} | {r.get('achieved_gflops_s', 0.0):.1f} |"
         )
     return "\n".join(out)
 
 
 def ratios(rows: list[dict]) -> list[str]:
-    """Speed of each conv-study variant relative to conv_impl=xla with XLA's default options (same interleaved run)."""
+    """Speed of each study variant relative to its study's baseline row (same interleaved run)."""
     lines = []
-    study = [r for r in rows if r.get("study")]
+    study = [r for r in rows if "baseline" in r]
     for model in dict.fromkeys(r["model"] for r in study):
         rs = [r for r in study if r["model"] == model]
-        base = next(r for r in rs if r["conv_impl"] == "xla" and not r["compiler_options"])
+        base = next(r for r in rs if r["baseline"])
         for r in rs:
             if r is not base:
-                tag = r["conv_impl"] + (" + no-ynn" if r["compiler_options"] else "")
                 lines.append(
-                    f"{model} {r['kind']}: {tag} is {base['time_s'] / r['time_s']:.2f}x the speed of xla "
-                    f"(wall clock; {base['cpu_s'] / r['cpu_s']:.2f}x by process CPU time)"
+                    f"{model} {r['kind']}: {r['variant']} is {base['time_s'] / r['time_s']:.2f}x the speed of "
+                    f"{base['variant']} (wall clock; {base['cpu_s'] / r['cpu_s']:.2f}x by process CPU time)"
                 )
     return lines
+
+
+def _variant(impl: str, options: dict | None) -> str:
+    return impl + (" + no-ynn" if options else "")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -257,8 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=0, help="0: 8 on CPU, 128 on accelerators")
     p.add_argument("--repeats", type=int, default=0, help="0: 3 on CPU, 20 on accelerators")
     p.add_argument("--conv-study", default="auto", choices=["auto", "none", "stack", "all"],
-                   help="conv backward study: stack = the 6-layer conv stack; all = also the DDPM UNet train step "
-                        "in the same four variants; auto = all on CPU, none elsewhere")  # fmt: skip
+                   help="backward-pass study: stack = the 6-layer conv stack; all = also the DDPM UNet train step "
+                        "in the same four variants and DiT-S/2's blocks scanned vs unrolled; auto = all on CPU, "
+                        "none elsewhere")  # fmt: skip
     p.add_argument("--output", default="", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)
     cpu = jax.default_backend() == "cpu"
@@ -277,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     if study in ("stack", "all"):
         rows += conv_stack_rows(max(repeats, 5))
     if study == "all":
+        rows += dit_blocks_rows(repeats)
         rows += train_step_variant_rows("ddpm_cifar10", batch, repeats)
     text = table(rows)
     print(text)
