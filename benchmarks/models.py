@@ -47,7 +47,7 @@ from benchmarks.common import matmul_flops
 from configs.default import get_config
 from diffax import compilation
 from diffax.models import build_model, count_params
-from diffax.models.dit import parse_preset
+from diffax.models.dit import parse_preset, scan_blocks, stacked_blocks
 from diffax.models.layers import conv2d
 
 NO_YNN = compilation.CPU_WITHOUT_YNNPACK
@@ -232,24 +232,17 @@ def _torch_conv_stack(ks: list, x) -> Callable | None:
 def dit_blocks_rows(repeats: int, *, batch: int = 8) -> list[dict]:
     """fwd+bwd of DiT-S/2's 12 blocks (256 tokens of width 384) under one lax.scan, as diffax runs them,
     and unrolled into a Python loop over the same stacked weights, interleaved."""
-    from diffax.models.dit import DiTBlock
-
     depth, hidden, heads, _ = parse_preset("S/2")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, 256, hidden)), jnp.float32)
     cond = jnp.asarray(rng.standard_normal((batch, hidden)), jnp.float32)
-
-    @nnx.split_rngs(splits=depth)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(rngs):
-        return DiTBlock(hidden, heads, 4.0, dropout=0.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
-
-    block_def, stacked = nnx.split(make(nnx.Rngs(0)))
+    blocks = stacked_blocks(depth, hidden, heads, 4.0, dropout=0.0, dtype=jnp.float32, param_dtype=jnp.float32,
+                            rngs=nnx.Rngs(0))  # fmt: skip
+    block_def, stacked = nnx.split(blocks)
     stacked = jax.tree.map(lambda w: w + 0.01, stacked)  # adaLN-Zero starts at zero: make every block act
 
     def scanned(stacked, x):
-        h, _ = jax.lax.scan(lambda h, w: (nnx.merge(block_def, w)(h, cond), None), x, stacked)
-        return jnp.mean(h**2)
+        return jnp.mean(scan_blocks(nnx.merge(block_def, stacked), x, cond) ** 2)
 
     def unrolled(stacked, x):
         for i in range(depth):

@@ -74,6 +74,37 @@ class DiTBlock(nnx.Module):
         return x + gate2[:, None, :] * layers.dropout(h, self.dropout, layers.fold_key(dropout_key, 1))
 
 
+def stacked_blocks(
+    depth: int, hidden: int, heads: int, mlp_ratio: float, *, dropout: float, dtype, param_dtype, rngs: nnx.Rngs
+) -> DiTBlock:
+    """`depth` DiT blocks as one module whose weights carry a leading depth axis, for `scan_blocks`."""
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs: nnx.Rngs) -> DiTBlock:
+        return DiTBlock(hidden, heads, mlp_ratio, dropout=dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    return make(rngs)
+
+
+def scan_blocks(blocks: DiTBlock, h: Array, cond: Array, dropout_key: Array | None = None, *, remat: bool = False):
+    """Run `stacked_blocks` in order under one lax.scan, block i with dropout key fold_in(key, i).
+
+    One block to compile whatever the depth, and no fusion across blocks: XLA:CPU fused the
+    unrolled backward pass into loops that recompute earlier blocks (2x slower at depth 12,
+    benchmarks/models.py). remat: recompute each block in the backward pass (jax.checkpoint).
+    """
+    block_def, stacked = nnx.split(blocks)
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+
+    def one_block(h, layer):
+        state, i = layer
+        return nnx.merge(block_def, state)(h, cond, layers.fold_key(dropout_key, i)), None
+
+    h, _ = jax.lax.scan(jax.checkpoint(one_block) if remat else one_block, h, (stacked, jnp.arange(depth)))
+    return h
+
+
 class DiT(nnx.Module):
     """DiT denoiser: model(x [B,H,W,C], c_noise [B], labels, *, dropout_key) -> [B,H,W,C or 2C].
 
@@ -108,16 +139,7 @@ class DiT(nnx.Module):
             if num_classes > 0
             else None
         )
-        # The blocks' weights are stacked on a leading depth axis and run by one lax.scan: one
-        # block to compile whatever the depth, and no fusion across blocks (XLA:CPU fused the
-        # unrolled backward pass into loops that recompute earlier blocks, 2x slower at depth 12).
-        @nnx.split_rngs(splits=depth)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_blocks(rngs: nnx.Rngs) -> DiTBlock:
-            return DiTBlock(hidden, heads, float(cfg.mlp_ratio), dropout=float(cfg.dropout), **dict(kw, rngs=rngs))
-
-        self.blocks = make_blocks(rngs)
-        self.depth = depth
+        self.blocks = stacked_blocks(depth, hidden, heads, float(cfg.mlp_ratio), dropout=float(cfg.dropout), **kw)
         self.final_adaln = layers.linear(hidden, 2 * hidden, init=layers.zeros, **kw)
         self.final_proj = layers.linear(hidden, patch * patch * out_ch, init=layers.zeros, **kw)
         self.patch = patch
@@ -139,13 +161,7 @@ class DiT(nnx.Module):
         cond = self.time_mlp2(jax.nn.silu(self.time_mlp1(self.embed(c_noise).astype(self.dtype))))
         cond = add_label_embedding(cond, self.label_embed, self.num_classes, labels, b)
 
-        block_def, stacked = nnx.split(self.blocks)
-
-        def one_block(h, layer):
-            state, i = layer
-            return nnx.merge(block_def, state)(h, cond, layers.fold_key(dropout_key, i)), None
-
-        h, _ = jax.lax.scan(jax.checkpoint(one_block) if self.remat else one_block, h, (stacked, jnp.arange(self.depth)))
+        h = scan_blocks(self.blocks, h, cond, dropout_key, remat=self.remat)
         shift, scale = jnp.split(self.final_adaln(jax.nn.silu(cond)), 2, axis=-1)
         out = self.final_proj(modulate(layers.layer_norm(h), shift, scale))
         out = out.reshape(b, gh, gw, p, p, self.out_ch).transpose(0, 1, 3, 2, 4, 5)
