@@ -30,6 +30,7 @@ setuptools.setup(
         "safetensors>=0.4",
         "diffrax>=0.6",
         "tqdm>=4.66",
+        "submitit>=1.5",  # diffax sweep launches trials through it (local processes, SLURM)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],

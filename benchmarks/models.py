@@ -10,15 +10,16 @@ a check on a shared machine, by this process's CPU time. These rows are compiled
 compiles (diffax/compilation.py: on the CPU, YNNPACK fusions off).
 
 Study 1, convolution backward on XLA:CPU: a 6-layer 64-channel 3x3 conv stack (batch 16,
-32x32) and the DDPM UNet train step, four ways interleaved in one run:
-  xla             lax.conv_general_dilated differentiated by JAX, XLA's default options (the
-                  plain version the ratios are against);
-  rows            config.model.conv_impl = "rows": the kernel gradient as one 1-D convolution
-                  over rows (diffax/models/layers.py, `_kernel_grad_rows`);
+32x32), four ways interleaved in one run:
+  xla             lax.conv_general_dilated differentiated by JAX (diffax's conv), XLA's default
+                  options (the plain version the ratios are against);
+  rows            the kernel gradient as one 1-D convolution over rows (benchmarks/conv_rows.py;
+                  not a diffax option any more);
   xla + no-ynn    compiler_options {"xla_cpu_experimental_ynn_fusion_type": ""}: XLA's Eigen
                   convolutions instead of YNNPACK fusions (what diffax does on the CPU);
   rows + no-ynn   both;
-and, where PyTorch is installed (pip install -e ".[torch]"), the same stack in PyTorch.
+and, where PyTorch is installed (pip install -e ".[torch]"), the same stack in PyTorch; then
+the DDPM UNet train step with XLA's default options and with YNNPACK off.
 Why: XLA writes the kernel gradient of a conv as a convolution of the input with the output
 gradient whose window is the whole feature map (32x32) and whose contracted feature
 dimension is only the batch; the YNNPACK kernels XLA:CPU uses by default run that shape on
@@ -48,10 +49,12 @@ from configs.default import get_config
 from diffax import compilation
 from diffax.models import build_model, count_params
 from diffax.models.dit import parse_preset, scan_blocks, stacked_blocks
+from benchmarks.conv_rows import conv2d_rows
 from diffax.models.layers import conv2d
 
 NO_YNN = compilation.CPU_WITHOUT_YNNPACK
-STUDY_VARIANTS = [("xla", None), ("rows", None), ("xla", NO_YNN), ("rows", NO_YNN)]
+STUDY_VARIANTS = [("xla", None), ("rows", None), ("xla", NO_YNN), ("rows", NO_YNN)]  # (conv, compiler options)
+CONVS = {"xla": conv2d, "rows": conv2d_rows}
 
 
 def ddpm_cifar10_cfg(**kw):
@@ -106,8 +109,7 @@ def _setup(name: str, batch: int, **cfg_kw):
     labels = jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32) if num_classes else None
     tx = optax.adam(1e-4)
     opt_state = tx.init(params)
-    base = {"model": name, "batch": batch, "params": count_params(cfg, data_shape=shape, num_classes=num_classes),
-            "variant": f"conv_impl={cfg.conv_impl}"}  # fmt: skip
+    base = {"model": name, "batch": batch, "params": count_params(model), "variant": "xla"}
 
     def fwd(params, x, c, y):
         return nnx.merge(graphdef, params, rest)(x, c, y)
@@ -160,30 +162,24 @@ def interleaved(fns: list[tuple[Callable, tuple]], repeats: int) -> list[dict[st
 
 
 def train_step_variant_rows(name: str, batch: int, repeats: int) -> list[dict]:
-    """The train step of `name` in each STUDY_VARIANTS (conv_impl, compiler options), interleaved."""
-    built = []
-    for impl, options in STUDY_VARIANTS:
-        base, _, (step, args) = _setup(name, batch, conv_impl=impl)
-        compiled, compile_s = compile_timed(step, args, options)
-        built.append((base, options, compile_s, compiled, args))
-        if impl == "xla" and options is None:
-            flops = matmul_flops(step, *args)  # the same work in every variant: count the plain one
-    times = interleaved([(c, a) for _, _, _, c, a in built], repeats)
-    return [
-        {**_row({**b, "variant": _variant(impl, o)}, "train_step", o, cs, t, flops), "baseline": impl == "xla" and not o}
-        for (impl, _), (b, o, cs, _, _), t in zip(STUDY_VARIANTS, built, times)
-    ]
+    """The train step of `name` with XLA's default compiler options and with YNNPACK off, interleaved."""
+    base, _, (step, args) = _setup(name, batch)
+    flops = matmul_flops(step, *args)  # the same work in every variant
+    built = [(options, *compile_timed(step, args, options)) for options in (None, NO_YNN)]
+    times = interleaved([(c, args) for _, c, _ in built], repeats)
+    return [{**_row({**base, "variant": _variant("xla", o)}, "train_step", o, cs, t, flops), "baseline": not o}
+            for (o, _, cs), t in zip(built, times)]  # fmt: skip
 
 
 def conv_stack_rows(repeats: int, *, batch: int = 16, size: int = 32, channels: int = 64, depth: int = 6) -> list[dict]:
-    """fwd+bwd of a `depth`-layer 3x3 conv stack in each STUDY_VARIANTS (conv_impl, compiler options)."""
+    """fwd+bwd of a `depth`-layer 3x3 conv stack in each STUDY_VARIANTS (conv, compiler options)."""
     rng = np.random.default_rng(0)
     ks = [jnp.asarray(rng.standard_normal((3, 3, channels, channels)) * 0.05, jnp.float32) for _ in range(depth)]
     x = jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32)
 
     def loss(ks, x, impl):
         for k in ks:
-            x = jax.nn.relu(conv2d(x, k, padding=((1, 1), (1, 1)), impl=impl))
+            x = jax.nn.relu(CONVS[impl](x, k, padding=((1, 1), (1, 1))))
         return jnp.sum(x**2)
 
     compiled = []
@@ -300,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=0, help="0: 3 on CPU, 20 on accelerators")
     p.add_argument("--conv-study", default="auto", choices=["auto", "none", "stack", "all"],
                    help="backward-pass study: stack = the 6-layer conv stack; all = also the DDPM UNet train step "
-                        "in the same four variants and DiT-S/2's blocks scanned vs unrolled; auto = all on CPU, "
+                        "with and without YNNPACK and DiT-S/2's blocks scanned vs unrolled; auto = all on CPU, "
                         "none elsewhere")  # fmt: skip
     p.add_argument("--output", default="", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)

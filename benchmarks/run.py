@@ -297,7 +297,6 @@ def run(config: Any, options: Options, *, argv: list[str] | None = None, config_
             "data_shape": list(shape),
             "batch_size": bench.batch_size,
             "dtype": str(config.model.dtype),
-            "conv_impl": str(config.model.get("conv_impl", "xla")),
             "options": dataclasses.asdict(options),
         },
         "train_step": train,

@@ -25,11 +25,11 @@ from configs.default import get_config
 from diffax import compilation
 from diffax.models import build_model
 from diffax.parameterization import get_parameterization
-from diffax.samplers import sample
+from diffax.samplers import make_sampler
 from diffax.schedules import get_schedule
 
 NFE = {"ddpm": lambda n: n, "ddim": lambda n: n, "heun": lambda n: 2 * n - 1, "euler": lambda n: n,
-       "dpm_solver": lambda n: n}
+       "dpm_solver": lambda n: n, "flow_euler": lambda n: n, "flow_heun": lambda n: 2 * n - 1}
 
 
 def _time(fn, *args) -> tuple[float, float]:
@@ -61,7 +61,7 @@ def efficiency_rounds(net, net_args, sampler, sampler_args, nfe: int, repeats: i
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samplers", default="ddpm,ddim,heun")
+    p.add_argument("--samplers", default="ddpm,ddim,heun,flow_euler,flow_heun")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
@@ -86,10 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
     net = jax.jit(lambda state, z, c: apply_fn(state, z, c, None), compiler_options=options)
 
     def make(name: str, steps: int):
-        sc = config.sampling.copy_and_resolve_references()
-        sc.sampler, sc.steps = name, steps
+        cfg = config.copy_and_resolve_references()
+        cfg.sampling.sampler, cfg.sampling.steps = name, steps
+        sampler = make_sampler(cfg)
         return jax.jit(
-            lambda state, n, k: sample(sc, config.diffusion, schedule, param, lambda *a: apply_fn(state, *a), n, k),
+            lambda state, n, k: sampler(schedule, param, lambda *a: apply_fn(state, *a), n, k),
             compiler_options=options,
         )
 

@@ -23,7 +23,8 @@ import numpy as np
 
 from benchmarks.common import abstract, matmul_flops, median, peak_flops, xla_flops
 from diffax import compilation, data, parallel
-from diffax.training.build import build, count_params
+from diffax.models import count_params
+from diffax.training.build import build
 from diffax.training.state import learning_rate_schedule
 from diffax.training.step import init_state, make_train_step, state_layout
 
@@ -45,7 +46,7 @@ class Bench:
         self.tx, _, self.state_shardings = state_layout(self.diffusion, config, self.mesh)
         self.lr = learning_rate_schedule(config.optimizer, config.training.num_steps)
         self.batch_sharding = parallel.batch_sharding(self.mesh)
-        self.state = jax.device_put(init_state(self.diffusion, self.tx), self.state_shardings)
+        self.state = jax.device_put(init_state(self.diffusion, self.tx, len(config.training.posthoc_ema)), self.state_shardings)
         self.num_params = count_params(self.state.params)
         self.batch = self._synthetic_batch()
         self.compiler_options = (

@@ -60,7 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
     m.flip_sin_to_cos = False  # sinusoidal embedding order: False [sin, cos] (DDPM), True [cos, sin] (ADM, DiT)
     m.freq_shift = 1.0  # frequencies 10000^(-i / (dim/2 - freq_shift)): 1 DDPM, 0 ADM / DiT (diffusers' freq_shift)
     m.fourier_scale = 16.0  # std of the Gaussian Fourier features when embedding = fourier (NCSN++)
-    m.conv_impl = "xla"  # xla | rows: conv kernel gradients as 1-D row convolutions (faster on XLA:CPU with YNNPACK on)
     # DiT
     m.patch_size = 2
     m.hidden_size = 384
@@ -71,20 +70,36 @@ def get_config() -> ml_collections.ConfigDict:
     m.hidden = 256
     m.layers = 4
 
+    # KL autoencoder trained with training.task="autoencoder" (Rombach et al. 2022; diffax/training/autoencoder.py)
+    c.autoencoder = a = ml_collections.ConfigDict()
+    a.path = ""  # latent diffusion: diffusers AutoencoderKL folder (or pipeline with vae/) decoding the latents; "" = pixels
+    a.block_out_channels = (32, 64)  # widths per level; downsampling factor 2 ** (levels - 1)
+    a.layers_per_block = 1
+    a.latent_channels = 4
+    a.norm_groups = 8
+    a.mid_attention = True  # single-head attention in the encoder's and decoder's middle blocks
+    a.quant_conv = True  # 1x1 quant_conv / post_quant_conv (SD layout); False as SD3 / Flux
+    a.recon_loss = "l1"  # l1 | l2, summed over pixels
+    a.kl_weight = 1e-6  # LDM's KL weight
+    a.disc_weight = 0.0  # patch-discriminator (hinge) loss weight, times the adaptive weight of VQGAN; 0 = none
+    a.disc_start = 0  # step from which the discriminator trains and its loss counts
+    a.disc_channels = 32  # PatchGAN base width
+    a.disc_layers = 2  # PatchGAN stride-2 layers (3 in taming; fewer for tiny images)
+
     # Diffusion math (diffax/schedules.py, parameterization.py, objectives.py)
     c.diffusion = df = ml_collections.ConfigDict()
-    df.schedule = "linear"  # linear scaled_linear cosine shifted_cosine sigmoid vp subvp ve edm learned
+    df.schedule = "linear"  # linear scaled_linear cosine shifted_cosine sigmoid vp subvp ve edm rectified_flow learned
     df.num_steps = 1000  # > 0: discrete DDPM schedule with this many steps; 0: continuous time
     df.zero_terminal_snr = False  # rescale a VP schedule to zero terminal SNR (Lin et al. 2024)
-    df.prediction = "eps"  # eps x0 v score edm
-    df.weighting = "simple"  # simple x0 v snr min_snr soft_min_snr sigmoid edm elbo
-    df.time_sampling = "uniform"  # uniform discrete antithetic lognormal logsnr_uniform
+    df.prediction = "eps"  # eps x0 v score edm flow
+    df.weighting = "simple"  # simple x0 v flow snr truncated_snr min_snr soft_min_snr sigmoid edm elbo
+    df.time_sampling = "uniform"  # uniform discrete antithetic lognormal logsnr_uniform logit_normal mode cosmap
     df.min_snr_gamma = 5.0
     df.sigmoid_bias = -2.0  # sigmoid weighting (Kingma & Gao 2023)
     df.sigma_data = 0.5  # EDM
     df.p_mean = -1.2  # EDM log-normal sigma sampling
     df.p_std = 1.2
-    df.sigma_min = 0.002  # EDM noise range (schedule=edm; EDM preconditioning uses sigma_data)
+    df.sigma_min = 0.002  # EDM schedule's noise range (schedule=edm only; EDM preconditioning uses sigma_data)
     df.sigma_max = 80.0
     df.ve_sigma_min = 0.01  # VE / NCSN geometric sigma range (schedule=ve; Song et al. 2021)
     df.ve_sigma_max = 50.0
@@ -94,11 +109,19 @@ def get_config() -> ml_collections.ConfigDict:
     df.beta_min = 0.1  # VP / sub-VP SDE
     df.beta_max = 20.0
     df.shift_resolution = 64  # shifted cosine: base resolution the shift is relative to
-    df.logsnr_min = -15.0  # logsnr_uniform time sampling and learned-schedule endpoints
+    df.logsnr_min = -15.0  # shifted cosine: logsnr range truncated before the shift (Hoogeboom et al. 2023)
     df.logsnr_max = 15.0
+    df.learned_logsnr_min = -15.0  # learned schedule (VDM): initial logsnr at t = 1 and t = 0
+    df.learned_logsnr_max = 15.0
+    df.time_logsnr_min = -15.0  # logsnr_uniform time sampling range (Kingma & Gao 2023)
+    df.time_logsnr_max = 15.0
+    df.logit_mean = 0.0  # logit_normal time sampling: t = sigmoid(N(mean, std^2)) (Esser et al. 2024)
+    df.logit_std = 1.0
+    df.mode_scale = 1.29  # mode time sampling: scale s of f_mode (Esser et al. 2024, eq. 20)
+    df.time_shift = 1.0  # training times t -> s t / (1 + (s - 1) t) (Esser et al. 2024, eq. 23); 1 = none
     df.label_dropout = 0.0  # drop labels for classifier-free guidance (Ho & Salimans 2022)
     df.clip_x0 = False  # clip predicted x0 to [-1, 1] when sampling
-    df.dynamic_threshold = 0.0  # percentile for dynamic thresholding (Saharia et al. 2022); 0 = off
+    df.dynamic_threshold = 0.0  # quantile in (0, 1] for dynamic thresholding (Saharia et al. 2022), e.g. 0.995; 0 = off
 
     # Optimisation (diffax/training)
     c.optimizer = o = ml_collections.ConfigDict()
@@ -118,16 +141,19 @@ def get_config() -> ml_collections.ConfigDict:
     t.steps_per_dispatch = 1  # optimizer steps per jitted call (lax.scan)
     t.ema_decay = 0.999
     t.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) as diffusers / k-diffusion
+    t.posthoc_ema = ()  # sigma_rels of power-function EMAs to snapshot for post-hoc EMA (EDM2), e.g. (0.05, 0.1); () = off
+    t.posthoc_ema_every = 100  # post-hoc EMA snapshot every N steps (N x batch_size training images; and at the end)
     t.log_every = 100
     t.checkpoint_every = 1000
     t.keep_checkpoints = 3
     t.sample_every = 1000  # write a sample grid every N steps (and at the end); 0 = only at the end
     t.nan_policy = "stop"  # stop | skip: a non-finite loss stops training, or the step is skipped
     t.progress_bar = True
+    t.task = "diffusion"  # diffusion | autoencoder: train config.autoencoder's KL autoencoder (diffax/training/autoencoder.py)
 
     # Sampling (diffax/samplers): during training and for `diffax sample`
     c.sampling = s = ml_collections.ConfigDict()
-    s.sampler = "ddim"  # ddpm ddim euler heun dpm_solver pc ode
+    s.sampler = "ddim"  # ddpm ddim euler heun dpm_solver pc ode flow_euler flow_heun
     s.steps = 50
     s.num_samples = 64  # images in the grid written during training
     s.batch_size = 256  # chunk size when drawing many samples
@@ -136,8 +162,11 @@ def get_config() -> ml_collections.ConfigDict:
     s.spacing = "trailing"  # DDIM / DDPM timestep spacing: leading | trailing | linspace
     s.steps_offset = 0  # added to leading spacing (diffusers' steps_offset)
     s.final_alpha_one = True  # DDIM: the last step goes to alpha = 1 (diffusers' set_alpha_to_one)
+    s.grid = "paper"  # paper | diffusers | diffusers_karras | diffusers_dynamic (flow_*): diffusers' scheduler grids
+    s.shift = 1.0  # flow_euler / flow_heun: time shift s t / (1 + (s - 1) t) of the grid (Esser et al. 2024, Eq. 23)
     s.variance = "small"  # DDPM: small | large | learned
     s.rho = 7.0  # EDM sigma grid
+    s.sigma_min = 0.002  # euler / heun / ode: lowest noise level sigma/alpha of the grid (EDM's 0.002)
     s.churn = 0.0  # EDM S_churn
     s.s_tmin = 0.0
     s.s_tmax = float("inf")
@@ -164,7 +193,11 @@ def get_config() -> ml_collections.ConfigDict:
     e.num_samples = 1000
     e.batch_size = 250
     e.inception_weights = ""  # path; "" = $DIFFAX_INCEPTION_WEIGHTS
-    e.reference_stats = ""  # .npz with mu, sigma; "" = <workdir>/eval/reference_stats.npz
+    e.download_weights = False  # fetch NVIDIA's Inception weights (sha256-checked) when missing
+    e.protocol = "tf"  # FID preprocessing: "tf" (TTUR / NVIDIA / EDM), "pytorch_fid" or "clean" (clean-fid)
+    e.reference_stats = ""  # .npz with mu, sigma; "" = <workdir>/eval/reference_stats_<protocol>.npz
+    e.reference_protocol = ""  # protocol of a reference_stats file that does not record one (EDM's: "tf")
+    e.dinov2_weights = ""  # transformers Dinov2Model folder (facebook/dinov2-large); set = report fd_dinov2
     e.metrics = ("fid", "kid", "is")
     e.kid_subsets = 100
     e.kid_subset_size = 1000

@@ -2,15 +2,20 @@
 
     diffax train --config configs/toy2d.py --workdir runs/toy2d
     diffax train --config configs/toy2d.py:checkerboard --workdir runs/checkerboard
+    diffax train --config configs/toy2d.py:flow --workdir runs/toy2d_flow
+    diffax train --config configs/toy2d.py:flow,moons --workdir runs/moons_flow
 
-The argument names the distribution: moons, swiss_roll, 8gaussians, checkerboard, gmm.
+The argument names the distribution: moons, swiss_roll, 8gaussians, checkerboard, gmm; a
+`flow` in it (comma-separated) trains by flow matching instead (configs/flow_matching.py).
 """
-from configs import default
+from configs import default, flow_matching
 
 
-def get_config(distribution: str = "8gaussians"):
+def get_config(arg: str = "8gaussians"):
+    parts = [p for p in arg.split(",") if p]
+    distributions = [p for p in parts if p != "flow"] or ["8gaussians"]
     config = default.get_config()
-    config.data.name = f"toy2d:{distribution}"
+    config.data.name = f"toy2d:{distributions[0]}"
     config.data.conditional = False
     config.model.name = "mlp"
     config.model.hidden = 128
@@ -27,4 +32,4 @@ def get_config(distribution: str = "8gaussians"):
     config.sampling.steps = 50
     config.sampling.num_samples = 2000
     config.sampling.batch_size = 2000
-    return config
+    return flow_matching.rectified_flow(config) if "flow" in parts else config

@@ -15,6 +15,8 @@ from typing import Callable
 from absl import flags, logging
 from ml_collections import config_flags
 
+from diffax import errors
+
 PROG = "diffax"
 
 
@@ -57,20 +59,23 @@ def _train(fv: flags.FlagValues, args: list[str]) -> None:
 def _define_sample(fv: flags.FlagValues) -> None:
     _config_flag(fv, False)
     flags.DEFINE_string("workdir", None, "The run to sample from.", flag_values=fv)
-    flags.DEFINE_string("output", None, "Folder for samples.npz (uint8 'images', 'labels') and grid.png.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Folder for samples.npz (uint8 'images', int32 'labels', empty when unconditional) and grid.png.", flag_values=fv)
     flags.DEFINE_string("sampler", None, "Sampler name (default: config.sampling.sampler).", flag_values=fv)
     flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sampling.steps).", flag_values=fv)
     flags.DEFINE_integer("num_samples", 64, "How many samples to draw.", flag_values=fv)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the initial noise and the sampler's randomness.", flag_values=fv)
     flags.DEFINE_string("noise", None, "A .npy file of initial noise [num_samples, ...] to start from instead of the seed.", flag_values=fv)
-    flags.DEFINE_bool("ema", True, "Use the EMA weights (--noema for the raw weights).", flag_values=fv)
+    flags.DEFINE_string("ema", "true", "Which weights: 'true' the EMA of config.training.ema_decay, 'false' the raw "
+                        "weights, or a sigma_rel such as 0.08: the post-hoc EMA of that length (--step: a snapshot "
+                        "step; see diffax ema-reconstruct).", flag_values=fv)
 
 
 def _sample(fv: flags.FlagValues, args: list[str]) -> None:
     import numpy as np
 
     from diffax.training import inference
+    from diffax.training import workdir as workdir_lib
     from diffax.visualize import save_samples
 
     config = _config_or_workdirs(fv)
@@ -79,19 +84,47 @@ def _sample(fv: flags.FlagValues, args: list[str]) -> None:
             config.sampling.sampler = fv.sampler
         if fv.steps is not None:
             config.sampling.steps = fv.steps
-    noise = None
-    if fv.noise:
-        noise = np.load(fv.noise)
-        if noise.shape[0] != fv.num_samples:
-            raise ValueError(f"--noise {fv.noise} holds {noise.shape[0]} samples but --num_samples={fv.num_samples}.")
-    run = inference.load(fv.workdir, step=fv.step, use_ema=fv.ema, config=config)
+    workdir_lib.check_writable(fv.output, what="--output")  # before drawing, not after
+    noise = _load_noise(fv.noise, fv.num_samples) if fv.noise else None
+    ema = fv.ema.strip().lower()
+    if ema in ("true", "false"):
+        run = inference.load(fv.workdir, step=fv.step, use_ema=ema == "true", config=config)
+    else:
+        from diffax.training import posthoc_snapshots
+
+        sigma_rel = posthoc_snapshots.parse_sigma_rels(fv.ema, "--ema")
+        if len(sigma_rel) != 1:
+            raise ValueError(f"--ema={fv.ema}: sample takes one sigma_rel (diffax eval takes several).")
+        run = inference.load(fv.workdir, step=fv.step, config=config, ema_sigma_rel=sigma_rel[0])
+    if noise is not None and noise.shape[1:] != tuple(run.diffusion.data_shape):
+        raise errors.UserError(f"--noise {fv.noise} holds samples of shape {noise.shape[1:]} but this model draws "
+                               f"{tuple(run.diffusion.data_shape)}.")
     out = run.draw(fv.num_samples, fv.seed, noise=noise)
-    os.makedirs(fv.output, exist_ok=True)
-    np.savez(os.path.join(fv.output, "samples.npz"), **out)
+    labels = out["labels"] if out["labels"] is not None else np.zeros((0,), np.int32)  # no object array: no pickle
+    np.savez(os.path.join(fv.output, "samples.npz"), images=out["images"], labels=labels)
     grid = os.path.join(fv.output, "grid.png")
     save_samples(out["images"][:256], grid, title=f"{fv.num_samples} samples")  # a grid of at most 256
     print(f"{fv.num_samples} samples from step {run.step} ({config.sampling.sampler}, {config.sampling.steps} steps) "
           f"in {fv.output}/samples.npz and {grid}")
+
+
+def _load_noise(path: str, num_samples: int):
+    """The --noise array: a .npy file of num_samples initial noises."""
+    import numpy as np
+
+    try:
+        noise = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise errors.UserError(f"--noise {path}: no such file.") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise errors.UserError(f"--noise {path} is not a .npy array file ({type(e).__name__}). Save the noise with "
+                               "numpy.save(path, array), array of shape [num_samples, ...].") from None
+    if not isinstance(noise, np.ndarray):  # an .npz archive
+        raise errors.UserError(f"--noise {path} is an .npz archive; give a .npy file (numpy.save) of one array.")
+    if noise.ndim < 2 or noise.shape[0] != num_samples:
+        raise errors.UserError(f"--noise {path} holds an array of shape {noise.shape}, but --num_samples={num_samples}: "
+                               f"give [{num_samples}, ...] or change --num_samples.")
+    return noise
 
 
 # ----------------------------------------------------------------------------- eval, stats, convert-inception
@@ -101,11 +134,21 @@ def _define_eval(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("checkpoints", "all", ["all", "latest"], "Which checkpoints: all of them or the latest.", flag_values=fv)
     flags.DEFINE_integer("step", None, "Evaluate only the checkpoint at this step.", flag_values=fv)
     flags.DEFINE_bool("watch", False, "Keep waiting for new checkpoints until the run's last step is evaluated.", flag_values=fv)
+    flags.DEFINE_string("ema", None, "Post-hoc EMA lengths to compare, e.g. 0.03,0.05,0.08,0.12: each sigma_rel's "
+                        "EMA at the latest snapshot (or --step) is scored, then plotted as eval/posthoc_ema.png.",
+                        flag_values=fv)
 
 
 def _eval(fv: flags.FlagValues, args: list[str]) -> None:
     from diffax.evaluation import job
 
+    if fv.ema is not None:
+        from diffax.evaluation import ema_sweep
+        from diffax.training import posthoc_snapshots
+
+        sigma_rels = posthoc_snapshots.parse_sigma_rels(fv.ema, "--ema")
+        ema_sweep.run(_config_or_workdirs(fv), fv.workdir, sigma_rels, step=fv.step)
+        return
     records = job.run_eval(_config_or_workdirs(fv), fv.workdir, step=fv.step, mode=fv.checkpoints, watch=fv.watch)
     print(f"evaluated {len(records)} checkpoint(s); results in {os.path.join(fv.workdir, 'eval', 'results.jsonl')}")
 
@@ -160,15 +203,50 @@ def _import_diffusers(fv: flags.FlagValues, args: list[str]) -> None:
           f"fine-tune: diffax train --workdir {fv.workdir}")
 
 
+# ----------------------------------------------------------------------------- encode-data
+def _define_encode(fv: flags.FlagValues) -> None:
+    _config_flag(fv, True)
+    flags.DEFINE_string("output", None, "The latent cache folder (resumed if it holds a partial cache).", flag_values=fv)
+    flags.DEFINE_integer("shard_size", 4096, "Examples per shard file.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 256, "Images encoded per step (split over this process's devices).", flag_values=fv)
+
+
+def _encode_data(fv: flags.FlagValues, args: list[str]) -> None:
+    from diffax.training.encode_data import encode_data
+
+    meta = encode_data(fv.config, fv.output, shard_size=fv.shard_size, batch_size=fv.batch_size)
+    print(f"encoded {meta['num_examples']} images of {fv.config.data.name} into {fv.output} "
+          f"({meta['num_shards']} shards, latents {tuple(meta['latent_shape'])}); "
+          f"train on them with --config.data.name=latents:{fv.output}")
+
+
+# ----------------------------------------------------------------------------- ema-reconstruct
+def _define_ema_reconstruct(fv: flags.FlagValues) -> None:
+    _config_flag(fv, False)
+    flags.DEFINE_string("workdir", None, "A run trained with config.training.posthoc_ema.", flag_values=fv)
+    flags.DEFINE_string("sigma_rel", None, "EMA length(s) to reconstruct, e.g. 0.08 or 0.06,0.08.", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Snapshot step to reconstruct at (default: the latest).", flag_values=fv)
+
+
+def _ema_reconstruct(fv: flags.FlagValues, args: list[str]) -> None:
+    from diffax.training import posthoc_snapshots
+
+    sigma_rels = posthoc_snapshots.parse_sigma_rels(fv.sigma_rel, "--sigma_rel")
+    for info in posthoc_snapshots.reconstruct_run(_config_or_workdirs(fv), fv.workdir, sigma_rels, fv.step):
+        print(f"sigma_rel {info['sigma_rel']:g} (gamma {info['gamma']:.3f}) at step {info['step']} from "
+              f"{info['snapshots']} snapshots, profile error {100 * info['profile_error']:.2f}%: {info['path']} "
+              f"(use it: diffax sample --workdir {fv.workdir} --ema {info['sigma_rel']:g} --output DIR)")
+
+
 # ----------------------------------------------------------------------------- sweep
 def _define_sweep(fv: flags.FlagValues) -> None:
-    from diffax import sweep
+    from diffax import sweep_command as sweep
 
     sweep.define_flags(fv)
 
 
 def _sweep(fv: flags.FlagValues, args: list[str]) -> None:
-    from diffax import sweep
+    from diffax import sweep_command as sweep
 
     sweep.main(fv)
 
@@ -196,9 +274,8 @@ def _config_or_workdirs(fv: flags.FlagValues):
 
     if fv.config is not None:
         return fv.config
-    config = configuration.load(os.path.join(fv.workdir, "config.json"))
-    apply_overrides(config, _WORKDIR_OVERRIDES)
-    return config
+    return configuration.apply_overrides(configuration.load(os.path.join(fv.workdir, "config.json")),
+                                         _WORKDIR_OVERRIDES)
 
 
 COMMANDS = {
@@ -214,10 +291,14 @@ COMMANDS = {
                 required=("config", "output")),
         Command("prepare-data", "Build the TFDS dataset a config names (needs TensorFlow and the network, once).",
                 _define_prepare, _prepare, required=("config",), distributed=False),
-        Command("convert-inception", "Convert pytorch-fid's Inception weights (.pth) to diffax's .npz (needs torch).",
-                _define_nothing, _convert_inception, positional="SRC.pth DST.npz", distributed=False),
+        Command("convert-inception", "Convert NVIDIA's inception-2015-12-05.pt or pytorch-fid's .pth to diffax's .npz.",
+                _define_nothing, _convert_inception, positional="SRC DST.npz", distributed=False),
         Command("import-diffusers", "Turn a diffusers UNet2DModel checkpoint into a diffax run (sample or fine-tune).",
                 _define_import, _import_diffusers, required=("src", "workdir")),
+        Command("encode-data", "Encode a config's data set once with config.autoencoder.path (a latent cache).",
+                _define_encode, _encode_data, required=("config", "output")),
+        Command("ema-reconstruct", "Reconstruct a post-hoc EMA of any length from a run's snapshots (EDM2).",
+                _define_ema_reconstruct, _ema_reconstruct, required=("workdir", "sigma_rel")),
         Command("sweep", "Run the trials of a config's get_sweep() and report them.", _define_sweep, _sweep,
                 required=("config", "workdir"), distributed=False),
     ]
@@ -233,13 +314,16 @@ def usage() -> str:
         "commands:",
     ]
     lines += [f"  {c.name:<18} {c.summary}" for c in COMMANDS.values()]
-    lines += ["", f"'{PROG} <command> --help' lists a command's flags. Example:",
+    lines += ["", f"'{PROG} <command> --help' lists a command's flags; --debug shows the traceback of any error.",
+              "Example:",
               f"  {PROG} train --config configs/digits.py --workdir runs/digits"]
     return "\n".join(lines)
 
 
 def _override_error(command: Command, argv: list[str]) -> str | None:
     """Name the first --config.x.y override that is not a field, with the closest valid names."""
+    from diffax import configuration
+
     base = [a for a in argv if not a.startswith("--config.")]
     probe = flags.FlagValues()
     command.define(probe)
@@ -252,73 +336,50 @@ def _override_error(command: Command, argv: list[str]) -> str | None:
         sys.argv = saved
     for arg in argv:
         if arg.startswith("--config."):
-            error = _field_error(probe.config, arg[len("--config."):].split("=", 1)[0].split("."))
+            error = configuration.field_error(probe.config, arg[len("--config."):].split("=", 1)[0])
             if error:
                 return error
     return None
 
 
-def _field_error(config, path: list[str]) -> str | None:
-    """Why config.<path> is not a field (naming the closest fields), or None if it is one."""
-    node, seen = config, "config"
-    for part in path:
-        keys = list(node.keys()) if hasattr(node, "keys") else []
-        if part not in keys:
-            close = difflib.get_close_matches(part, keys, n=3)
-            hint = f" Did you mean {', '.join(seen + '.' + c for c in close)}?" if close else ""
-            return f"{seen}.{part} is not a config field.{hint} Fields of {seen}: {', '.join(sorted(keys))}."
-        node, seen = node[part], f"{seen}.{part}"
-    return None
-
-
-def apply_overrides(config, overrides: list[str]) -> None:
-    """Apply --config.a.b=value overrides to a loaded config, converting each value to its field's type."""
-    import ast
-
-    for arg in overrides:
-        name, sep, text = arg[len("--config."):].partition("=")
-        path = name.split(".")
-        error = _field_error(config, path) or (None if sep else f"--config.{name} needs a value: --config.{name}=VALUE.")
-        if error:
-            raise ValueError(error)
-        node = config
-        for part in path[:-1]:
-            node = node[part]
-        old = node[path[-1]]
-        try:
-            if isinstance(old, bool):
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError("expected true or false")
-                value = text.lower() in ("true", "1")
-            elif isinstance(old, (int, float)):
-                value = type(old)(ast.literal_eval(text)) if isinstance(old, float) else int(text)
-            elif isinstance(old, tuple):
-                value = tuple(ast.literal_eval(text)) if text.strip() not in ("", "()") else ()
-            else:
-                value = text
-        except (ValueError, SyntaxError, TypeError) as e:
-            raise ValueError(f"--config.{name}={text}: expected a value of type {type(old).__name__} ({e}).") from None
-        with config.unlocked():
-            node[path[-1]] = value
-
-
-def _add_config_root(args: list[str]) -> None:
-    """Make `from configs import default` work in a config file wherever diffax runs from:
-    the nearest folder above the config file that holds `configs/` goes on sys.path."""
+def _config_file(args: list[str]) -> str | None:
+    """The file of `--config FILE[:ARG]` (or `--config=...`) in `args`, if given."""
     for i, arg in enumerate(args):
         value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
             args[i + 1] if arg == "--config" and i + 1 < len(args) else None)
         if value:
-            folder = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
-            while not os.path.isdir(os.path.join(folder, "configs")) and os.path.dirname(folder) != folder:
-                folder = os.path.dirname(folder)  # experiments/x/config.py imports configs/ from the repo root
-            if folder not in sys.path:
-                sys.path.insert(0, folder)
+            return value.split(":", 1)[0]
+    return None
+
+
+def _add_config_root(args: list[str]) -> None:
+    """Put the checkout of the --config file on sys.path (see configuration.add_config_root)."""
+    from diffax import configuration
+
+    path = _config_file(args)
+    if path:
+        configuration.add_config_root(path)
 
 
 def _fail(message: str, code: int = 2) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def _config_file_error(args: list[str]) -> str | None:
+    """A --config file that does not exist (config_flags would only say so in a traceback, later)."""
+    path = _config_file(args)
+    if path and not os.path.isfile(path):
+        return (f"--config: no such file {path!r} (from {os.getcwd()}). "
+                "Give the path of a config file, e.g. configs/digits.py.")
+    return None
+
+
+def _parse_error(command: Command, argv: list[str], error: Exception) -> str:
+    if isinstance(error, AttributeError) and "get_config" in str(error):
+        return (f"{_config_file(argv)} has no get_config() function: a config file defines get_config() "
+                "(or get_config(arg)) returning an ml_collections.ConfigDict, as configs/default.py does.")
+    return _override_error(command, argv) or str(error)
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -337,7 +398,11 @@ def run(argv: list[str] | None = None) -> None:
     if "--help" in args or "-h" in args or "--helpfull" in args:
         print(f"usage: {PROG} {name} {command.positional + ' ' if command.positional else ''}[--flags]\n\n{command.summary}\n\nflags:\n{fv.get_help(include_special_flags=False)}\n")
         return
+    debug = "--debug" in args or bool(os.environ.get("DIFFAX_DEBUG"))
+    args = [a for a in args if a != "--debug"]
     _add_config_root(args)
+    if "config" in fv and (error := _config_file_error(args)):
+        _fail(error)
     if "config" in fv and fv["config"].default is None and not any(a == "--config" or a.startswith("--config=") for a in args):
         # No config file: overrides apply to the workdir's config.json (see _config_or_workdirs).
         _WORKDIR_OVERRIDES[:] = [a for a in args if a.startswith("--config.")]
@@ -345,7 +410,7 @@ def run(argv: list[str] | None = None) -> None:
     try:
         positional = fv([f"{PROG} {name}"] + args)[1:]
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        _fail((_override_error(command, [f"{PROG} {name}"] + args) or str(e)) + f"\nSee '{PROG} {name} --help'.")
+        _fail(_parse_error(command, [f"{PROG} {name}"] + args, e) + f"\nSee '{PROG} {name} --help'.")
     missing = [f"--{f}" for f in command.required if getattr(fv, f) is None]
     if missing:
         _fail(f"{name} needs {', '.join(missing)}. See '{PROG} {name} --help'.")
@@ -361,10 +426,13 @@ def run(argv: list[str] | None = None) -> None:
         command.main(fv, positional)
     except KeyboardInterrupt:
         _fail("interrupted; the workdir can be resumed from its latest checkpoint.", 130)
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:
-        if os.environ.get("DIFFAX_DEBUG"):
+    except errors.Stopped as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001 - user errors become one message; bugs keep their traceback
+        if debug or not errors.is_user_error(e):
             raise
-        _fail(f"{e}\n(set DIFFAX_DEBUG=1 for the full traceback)", 1)
+        _fail(f"{errors.message(e)}\n(Run again with --debug for the traceback.)", 1)
 
 
 if __name__ == "__main__":

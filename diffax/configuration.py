@@ -1,14 +1,21 @@
-"""Config files on disk: the resolved config a run writes, reading it back, comparing two."""
+"""Config files on disk (the resolved config a run writes, reading it back, comparing two) and the one
+parser of `--config.a.b=value` overrides outside a config file (through ml_collections' config_flags)."""
 from __future__ import annotations
 
+import difflib
 import json
 import os
-from typing import Any
+import re
+import sys
+from typing import Any, Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 # Fields that may change when a run is resumed: they say how long to train, how
 # often to log or save, and how to sample or evaluate, not what is trained.
+# (data.num_workers is not among them: a saved data position is tied to it.)
 RESUMABLE_PREFIXES = (
     "training.num_steps",
     "training.log_every",
@@ -17,7 +24,6 @@ RESUMABLE_PREFIXES = (
     "training.sample_every",
     "training.progress_bar",
     "training.nan_policy",
-    "data.num_workers",
     "data.prefetch",
     "sampling.",
     "eval.",
@@ -79,3 +85,77 @@ def differences(old: dict[str, Any], new: dict[str, Any], *, ignore_resumable: b
         if a.get(key, "<missing>") != b.get(key, "<missing>"):
             lines.append(f"{key}: {a.get(key, '<missing>')!r} -> {b.get(key, '<missing>')!r}")
     return lines
+
+
+# ----------------------------------------------------------------------------- command-line overrides
+
+
+def add_config_root(config_file: str) -> None:
+    """Make `from configs import default` importable from a config file anywhere below a checkout.
+
+    The nearest folder above `config_file` that holds `configs/` goes on sys.path
+    (experiments/x/config.py imports configs/ from the repository root).
+    """
+    folder = os.path.dirname(os.path.abspath(config_file))
+    while not os.path.isdir(os.path.join(folder, "configs")) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if os.path.isdir(os.path.join(folder, "configs")) and folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def field_error(config: ml_collections.ConfigDict, key: str) -> str | None:
+    """Why `config.<key>` (dotted) is not a field, naming the closest fields; None when it is one."""
+    node, seen = config, "config"
+    for part in key.split("."):
+        fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        if part not in fields:
+            close = difflib.get_close_matches(part, fields, n=3)
+            hint = f" Did you mean {', '.join(seen + '.' + c for c in close)}?" if close else ""
+            where = "" if f"{seen}.{part}" == f"config.{key}" else f" ({seen}.{part} does not exist)"
+            return f"config.{key} is not a config field{where}.{hint} Fields of {seen}: {', '.join(sorted(fields))}."
+        node, seen = node[part], f"{seen}.{part}"
+    if isinstance(node, ml_collections.ConfigDict):
+        return f"config.{key} is a section, not a field: set its fields (config.{key}.FIELD) instead."
+    return None
+
+
+def format_value(value: Any) -> str:
+    """The command-line text of an override value (`--config.key=TEXT`), read back exactly by config_flags."""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return repr(tuple(value))
+    return str(value)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """A copy of `config` with `--config.a.b=value` overrides applied, parsed by ml_collections' config_flags.
+
+    The same parser reads `diffax train --config FILE --config.a.b=value`, so a
+    config.json with overrides and a sweep's trials resolve exactly as the trainer
+    will. A field that does not exist, a section, or a value of the wrong type is
+    a ValueError naming the field.
+    """
+    for arg in overrides:
+        name, sep, _ = arg[len("--config."):].partition("=")
+        error = field_error(config, name) or (None if sep else f"--config.{name} needs a value: --config.{name}=VALUE.")
+        if error:
+            raise ValueError(error)
+    fv = flags.FlagValues()
+    argv = ["diffax", *overrides]
+    config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict(config.to_dict()), flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
+    try:
+        fv(argv)
+    except flags.Error as e:  # e.g. "flag --config.training.num_steps=1.5: invalid literal for int() ..."
+        name = re.search(r"--config\.([\w.]+)", str(e))
+        kind = type(_get(config, name.group(1))) if name else None
+        expected = "true or false" if kind is bool else f"a value of type {kind.__name__}" if kind else "another value"
+        raise ValueError(f"{e}: expected {expected}.") from None
+    return fv.config
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    for part in key.split("."):
+        config = config[part]
+    return config

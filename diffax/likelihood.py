@@ -28,7 +28,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from diffax.samplers.base import SIGMA_MAX_CAP, prior_scale, t_of_sigma, vesigma
+from diffax.samplers.base import prior_scale, time_cap
 from diffax.samplers.ode import MAX_STEPS, ode_solver, probability_flow
 
 Array = jax.Array
@@ -83,7 +83,7 @@ def log_likelihood(
 ) -> dict[str, Array]:
     """log p(x) per example [B] in nats by the probability-flow ODE (Song et al. 2021, Eq. 39-40).
 
-    `denoise(z, t) -> (x0, eps)` (no guidance or clipping: the drift must be smooth). x is taken as
+    `denoise(z, t) -> samplers.Denoised(x0, eps)` (no guidance or clipping: the drift must be smooth). x is taken as
     the state at t_min (score_sde's eps = 1e-5) and integrated to t_max (default: where sigma/alpha
     reaches min(sigma_1/alpha_1, 4096), i.e. 1 unless alpha_1 = 0 as in the cosine schedule, where the
     drift is singular), where the prior is N(0, (alpha^2 + sigma^2) I), the samplers' prior (N(0, I)
@@ -96,8 +96,7 @@ def log_likelihood(
         raise ValueError(f"Unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}")
     x = jnp.asarray(x, jnp.float32)
     if t_max is None:
-        hi = jnp.minimum(jnp.nan_to_num(vesigma(schedule, 1.0), nan=SIGMA_MAX_CAP, posinf=SIGMA_MAX_CAP), SIGMA_MAX_CAP)
-        t_max = jnp.minimum(t_of_sigma(schedule, hi), 1.0)
+        t_max = time_cap(schedule)
     drift = probability_flow(denoise, schedule)
     if divergence == "hutchinson":
         if key is None:
@@ -152,13 +151,12 @@ def make_bpd_fn(
     """bpd_fn(x, key) -> bits/dim [B] of [-1, 1] images x from a network (Song et al. 2021, Table 2 protocol):
     dequantise (if `dequantize_data`), integrate the probability-flow ODE (`log_likelihood` kwargs), convert
     with `bits_per_dim`. No guidance or clipping is applied. Jit the result."""
-    from diffax.samplers.guidance import _raw_denoiser
+    from diffax.samplers.guidance import raw_denoiser
 
-    net = _raw_denoiser(apply_fn, schedule, parameterization)
+    net = raw_denoiser(apply_fn, schedule, parameterization)
 
     def denoise(z, t):
-        x0, eps, _ = net(z, jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1]), None)
-        return x0, eps
+        return net(z, jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1]), None)
 
     def bpd_fn(x: Array, key: Array) -> Array:
         k_deq, k_probe = jax.random.split(key)

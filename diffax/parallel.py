@@ -82,6 +82,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_shards(sharding: NamedSharding) -> int:
+    """How many ways `sharding` splits an array's leading (batch) axis: the product of its mesh axes."""
+    lead = sharding.spec[0] if len(sharding.spec) else None
+    axes = (lead,) if isinstance(lead, str) else tuple(lead or ())
+    return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -113,3 +120,24 @@ def check_batch_size(batch_size: int, mesh: Mesh, field: str = "config.training.
             f"{field}={batch_size} must be divisible by the {n} devices of the mesh "
             f"(and the {jax.process_count()} processes); try {max(n, batch_size // n * n)}."
         )
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any (a small all-gather; free with one process).
+
+    Used where all processes must take the same branch: stop to save on a
+    preemption signal, skip a damaged checkpoint.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray(flag, np.int32))).any())
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,10 +1,10 @@
-"""What the network predicts (eps, x0, v, score, EDM's F) and exact conversions between them.
+"""What the network predicts (eps, x0, v, score, EDM's F, flow velocity) and exact conversions between them.
 
 Given z_t = alpha_t x + sigma_t eps and the time t, any one of the targets fixes
 the pair (x0, eps) and hence every other target: each `Parameterization` maps a
 network output to (x0, eps) (`to_x0_eps`) and back (`from_x0_eps`, which is also
 the regression target when fed the true (x, eps)). `eps_mse_factor` gives the
-factor k(lambda) with ||eps_hat - eps||^2 = k ||out - target||^2, so the
+factor k(t) with ||eps_hat - eps||^2 = k ||out - target||^2, so the
 objective can express every loss weighting as a weight on the eps-MSE
 (Kingma & Gao 2023, sec. 2) whatever the network predicts. The factors are
 written in terms of the clamped logsnr lambda and c^2 = alpha^2 + sigma^2, which
@@ -20,7 +20,6 @@ implement the three methods, decorate with `@PARAMETERIZATIONS.register("name")`
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +31,8 @@ Array = jax.Array
 PARAMETERIZATIONS: Registry[type["Parameterization"]] = Registry("prediction", "config.diffusion.prediction")
 
 
-def _bcast(a: Array, z: Array) -> Array:
-    """Reshape a per-example array [B] (or scalar) to broadcast against z [B, ...]."""
+def batch_broadcast(a: Array, z: Array) -> Array:
+    """Reshape a per-example array [B] (or scalar) to broadcast against z [B, ...], as float32."""
     a = jnp.asarray(a, jnp.float32)
     return a.reshape(a.shape + (1,) * (z.ndim - a.ndim))
 
@@ -41,20 +40,42 @@ def _bcast(a: Array, z: Array) -> Array:
 def coefficients(z: Array, t: Array, schedule) -> tuple[Array, Array]:
     """(alpha_t, sigma_t) as float32, shaped to broadcast against z (Kingma et al. 2021, eq. 1)."""
     alpha, sigma = schedule.alpha_sigma(jnp.asarray(t, jnp.float32))
-    return _bcast(alpha, z), _bcast(sigma, z)
+    return batch_broadcast(alpha, z), batch_broadcast(sigma, z)
 
 
 def noise_conditioning(t: Array, schedule) -> Array:
-    """Default c_noise: 1000 t in continuous time; step index T t - 1 for a discrete schedule (DDPM / diffusers)."""
+    """Default c_noise: 1000 t in continuous time; step index T t - 1 for a discrete schedule (DDPM / diffusers).
+
+    On the grid t_i = (i + 1) / T the index is exactly the integer i: float32 rounding of
+    (i + 1) / T and of T t leaves up to ~T 2^-23 off it, so values that close to an integer
+    are snapped to it (a time between grid points keeps its fractional index).
+    """
     t = jnp.asarray(t, jnp.float32)
-    return t * schedule.num_steps - 1.0 if schedule.num_steps > 0 else 1000.0 * t
+    if schedule.num_steps <= 0:
+        return 1000.0 * t
+    index = t * schedule.num_steps - 1.0
+    nearest = jnp.round(index)
+    on_grid = jnp.abs(index - nearest) <= 8.0 * schedule.num_steps * float(jnp.finfo(jnp.float32).eps)
+    return jnp.where(on_grid, nearest, index)
+
+
+def logsnr_scale2(t: Array, schedule) -> tuple[Array, Array]:
+    """(clamped lambda_t, c^2 = alpha_t^2 + sigma_t^2): finite at both ends, for the eps-MSE factors."""
+    t = jnp.asarray(t, jnp.float32)
+    alpha, sigma = schedule.alpha_sigma(t)
+    return schedule.logsnr(t), alpha**2 + sigma**2
+
+
+def velocity_coefficients(z: Array, t: Array, schedule) -> tuple[Array, Array, Array, Array]:
+    """(alpha, sigma, d alpha/dt, d sigma/dt) at t, float32, shaped to broadcast against z."""
+    coefs = schedule.alpha_sigma_dt(jnp.asarray(t, jnp.float32))
+    return tuple(batch_broadcast(c, z) for c in coefs)
 
 
 @dataclasses.dataclass(frozen=True)
 class Parameterization:
     """Base class: a network output `out` <-> (x0, eps) given (z_t, t, schedule)."""
 
-    name: ClassVar[str] = ""
 
     @classmethod
     def from_config(cls, diffusion_cfg) -> "Parameterization":
@@ -73,8 +94,8 @@ class Parameterization:
         """The network output that corresponds to (x0, eps): the regression target."""
         raise NotImplementedError
 
-    def eps_mse_factor(self, logsnr: Array, scale2: Array) -> Array:
-        """k with ||eps_hat - eps||^2 = k ||out - target||^2; scale2 = alpha^2 + sigma^2."""
+    def eps_mse_factor(self, t: Array, schedule) -> Array:
+        """k [B] with ||eps_hat - eps||^2 = k ||out - target||^2 at time t."""
         raise NotImplementedError
 
 
@@ -83,7 +104,6 @@ class Parameterization:
 class EpsPrediction(Parameterization):
     """Noise prediction (Ho et al. 2020, eq. 11): x0 = (z - sigma eps) / alpha."""
 
-    name: ClassVar[str] = "eps"
 
     def to_x0_eps(self, out, z, t, schedule):
         alpha, sigma = coefficients(z, t, schedule)
@@ -93,8 +113,8 @@ class EpsPrediction(Parameterization):
     def from_x0_eps(self, x0, eps, z, t, schedule):
         return eps
 
-    def eps_mse_factor(self, logsnr, scale2):
-        return jnp.ones_like(logsnr)
+    def eps_mse_factor(self, t, schedule):
+        return jnp.ones_like(jnp.asarray(t, jnp.float32))
 
 
 @PARAMETERIZATIONS.register("x0")
@@ -102,7 +122,6 @@ class EpsPrediction(Parameterization):
 class X0Prediction(Parameterization):
     """Data prediction (Kingma et al. 2021, eq. 12): eps = (z - alpha x0) / sigma; eps error = alpha/sigma x0 error."""
 
-    name: ClassVar[str] = "x0"
 
     def to_x0_eps(self, out, z, t, schedule):
         alpha, sigma = coefficients(z, t, schedule)
@@ -112,7 +131,8 @@ class X0Prediction(Parameterization):
     def from_x0_eps(self, x0, eps, z, t, schedule):
         return x0
 
-    def eps_mse_factor(self, logsnr, scale2):
+    def eps_mse_factor(self, t, schedule):
+        logsnr, _ = logsnr_scale2(t, schedule)
         return jnp.exp(logsnr)
 
 
@@ -126,7 +146,6 @@ class VPrediction(Parameterization):
     c^2 = alpha^2 + sigma^2 (= 1 for VP); finite at alpha = 0 (zero terminal SNR).
     """
 
-    name: ClassVar[str] = "v"
 
     def to_x0_eps(self, out, z, t, schedule):
         alpha, sigma = coefficients(z, t, schedule)
@@ -138,7 +157,8 @@ class VPrediction(Parameterization):
         alpha, sigma = coefficients(z, t, schedule)
         return alpha * eps - sigma * x0
 
-    def eps_mse_factor(self, logsnr, scale2):
+    def eps_mse_factor(self, t, schedule):
+        logsnr, scale2 = logsnr_scale2(t, schedule)
         return jax.nn.sigmoid(logsnr) / scale2  # (alpha / c^2)^2 = sigmoid(lambda) / c^2
 
 
@@ -147,7 +167,6 @@ class VPrediction(Parameterization):
 class ScorePrediction(Parameterization):
     """Score grad_z log q(z_t) = -eps / sigma (Song et al. 2021, eq. 7 with the Gaussian kernel)."""
 
-    name: ClassVar[str] = "score"
 
     def to_x0_eps(self, out, z, t, schedule):
         alpha, sigma = coefficients(z, t, schedule)
@@ -158,8 +177,37 @@ class ScorePrediction(Parameterization):
         _, sigma = coefficients(z, t, schedule)
         return -eps / sigma
 
-    def eps_mse_factor(self, logsnr, scale2):
+    def eps_mse_factor(self, t, schedule):
+        logsnr, scale2 = logsnr_scale2(t, schedule)
         return scale2 * jax.nn.sigmoid(-logsnr)  # sigma^2
+
+
+@PARAMETERIZATIONS.register("flow")
+@dataclasses.dataclass(frozen=True)
+class FlowPrediction(Parameterization):
+    """Velocity of the forward path u = dz/dt = alpha'_t x + sigma'_t eps (flow matching; Lipman et al. 2023,
+    eq. 15 and 20-23; Liu et al. 2023; Esser et al. 2024, eq. 2-3): u = eps - x for rectified flow.
+
+    For any schedule, inverting [[alpha, sigma], [alpha', sigma']] with determinant
+    det = alpha sigma' - sigma alpha' = -alpha sigma lambda'/2 > 0 gives
+    x0 = (sigma' z - sigma u) / det and eps = (alpha u - alpha' z) / det (for rectified flow
+    det = 1: x0 = z - t u, eps = z + (1 - t) u, finite at both ends). The eps error is
+    alpha / det times the velocity error.
+    """
+
+    def to_x0_eps(self, out, z, t, schedule):
+        alpha, sigma, dalpha, dsigma = velocity_coefficients(z, t, schedule)
+        u = out.astype(jnp.float32)
+        det = alpha * dsigma - sigma * dalpha
+        return (dsigma * z - sigma * u) / det, (alpha * u - dalpha * z) / det
+
+    def from_x0_eps(self, x0, eps, z, t, schedule):
+        _, _, dalpha, dsigma = velocity_coefficients(z, t, schedule)
+        return dalpha * x0 + dsigma * eps
+
+    def eps_mse_factor(self, t, schedule):
+        alpha, sigma, dalpha, dsigma = schedule.alpha_sigma_dt(jnp.asarray(t, jnp.float32))
+        return (alpha / (alpha * dsigma - sigma * dalpha)) ** 2
 
 
 def edm_coefficients(sigma: Array, sigma_data: float) -> dict[str, Array]:
@@ -190,7 +238,6 @@ class EDMPrediction(Parameterization):
     target F = (sigma x0 - alpha sd^2 eps) / (d sd), and c_noise = log(s) / 4 = -lambda / 8.
     """
 
-    name: ClassVar[str] = "edm"
     sigma_data: float = 0.5
 
     @classmethod
@@ -220,7 +267,8 @@ class EDMPrediction(Parameterization):
         sd = self.sigma_data
         return (sigma * x0 - alpha * sd**2 * eps) / (self._d(alpha, sigma) * sd)
 
-    def eps_mse_factor(self, logsnr, scale2):
+    def eps_mse_factor(self, t, schedule):
+        logsnr, _ = logsnr_scale2(t, schedule)
         sd2 = self.sigma_data**2
         return sd2 / (jnp.exp(-logsnr) + sd2)  # (alpha sd / d)^2
 
@@ -239,9 +287,9 @@ def convert(
 
 
 def split_learned_variance(out: Array, channels: int) -> tuple[Array, Array | None]:
-    """Split a learn_sigma output (2C channels, last axis) into (prediction, variance values v).
+    """Split a learn_sigma output (2C channels, last axis) into (prediction, variance interpolation values).
 
-    v in [-1, 1] interpolates the DDPM log-variances (Nichol & Dhariwal 2021, eq. 15):
+    The values in [-1, 1] interpolate the DDPM log-variances (Nichol & Dhariwal 2021, eq. 15):
     see `interpolate_log_variance`. An output with C channels gives (out, None).
     """
     if out.shape[-1] == channels:
@@ -251,9 +299,9 @@ def split_learned_variance(out: Array, channels: int) -> tuple[Array, Array | No
     return out[..., :channels], out[..., channels:]
 
 
-def interpolate_log_variance(v: Array, min_log: Array, max_log: Array) -> Array:
-    """Sigma^2 = exp(frac log beta + (1 - frac) log beta_tilde), frac = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15)."""
-    frac = 0.5 * (jnp.asarray(v, jnp.float32) + 1.0)
+def interpolate_log_variance(var_interp: Array, min_log: Array, max_log: Array) -> Array:
+    """log Sigma^2 = frac log beta + (1 - frac) log beta_tilde, frac = (var_interp + 1) / 2 (Nichol & Dhariwal 2021, eq. 15)."""
+    frac = 0.5 * (jnp.asarray(var_interp, jnp.float32) + 1.0)
     return frac * max_log + (1.0 - frac) * min_log
 
 
@@ -271,7 +319,7 @@ def dynamic_threshold(x0: Array, percentile: float) -> Array:
     q = percentile / 100.0 if percentile > 1.0 else percentile
     flat = jnp.abs(x0.reshape(x0.shape[0], -1)).astype(jnp.float32)
     s = jnp.maximum(jnp.quantile(flat, q, axis=-1), 1.0)
-    s = _bcast(s, x0)
+    s = batch_broadcast(s, x0)
     return jnp.clip(x0, -s, s) / s
 
 

@@ -26,7 +26,7 @@ the noise is below 3e-7 of the other.
 
 Adding a schedule: write a frozen dataclass subclass of `Schedule` (or of
 `VPSchedule`, defining only `log_alpha2_sigma2`) and one builder function
-decorated with `@SCHEDULES.register("name")` that maps the config to it. The
+`(cfg, image_size, seed)` decorated with `@SCHEDULES.register("name")` that maps the config to it. The
 generic base methods give a jit-able bisection + Newton inverse and an
 autodiff SDE for free; override them with closed forms where they exist.
 """
@@ -116,6 +116,16 @@ class Schedule:
         step = jnp.where(ok, (lam - logsnr) / jnp.where(ok, dlam, -1.0), 0.0)
         return jnp.clip(t0 - step, 0.0, 1.0)
 
+    def alpha_sigma_dt(self, t: Array) -> tuple[Array, Array, Array, Array]:
+        """(alpha_t, sigma_t, d alpha / dt, d sigma / dt) by forward-mode autodiff (closed forms override).
+
+        The derivatives give the velocity dz/dt = alpha' x + sigma' eps of the forward path
+        (the `flow` target; Lipman et al. 2023, eq. 15).
+        """
+        t = _f32(t)
+        (alpha, sigma), (dalpha, dsigma) = jax.jvp(self.alpha_sigma, (t,), (jnp.ones_like(t),))
+        return alpha, sigma, dalpha, dsigma
+
     def sde(self, t: Array) -> tuple[Array, Array]:
         """(f(t), g(t)^2): f = d log alpha / dt, g^2 = d sigma^2 / dt - 2 f sigma^2 (Kingma et al. 2021, eq. 28-29)."""
         t = _f32(t)
@@ -148,17 +158,17 @@ class VPSchedule(Schedule):
         raise NotImplementedError(f"{type(self).__name__} must define log_alpha2_sigma2")
 
     def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
-        la, ls = self.log_alpha2_sigma2(_f32(t))
-        return jnp.exp(0.5 * la), jnp.exp(0.5 * ls)
+        log_alpha2, log_sigma2 = self.log_alpha2_sigma2(_f32(t))
+        return jnp.exp(0.5 * log_alpha2), jnp.exp(0.5 * log_sigma2)
 
     def logsnr(self, t: Array) -> Array:
-        la, ls = self.log_alpha2_sigma2(_f32(t))
-        return clamp_logsnr(la - ls)
+        log_alpha2, log_sigma2 = self.log_alpha2_sigma2(_f32(t))
+        return clamp_logsnr(log_alpha2 - log_sigma2)
 
     def sde(self, t: Array) -> tuple[Array, Array]:
         t = _f32(t)
-        _, dla = jax.jvp(lambda t: self.log_alpha2_sigma2(t)[0], (t,), (jnp.ones_like(t),))
-        return 0.5 * dla, -dla
+        _, dlog_alpha2 = jax.jvp(lambda t: self.log_alpha2_sigma2(t)[0], (t,), (jnp.ones_like(t),))
+        return 0.5 * dlog_alpha2, -dlog_alpha2
 
 
 def _vp_from_logsnr(logsnr: Array) -> tuple[Array, Array]:
@@ -220,19 +230,20 @@ class ScaledLinear(VPSchedule):
     base_steps: int = 1000
     num_steps: int = 0
 
-    def _ab(self):
+    def _sqrt_beta_start_and_slope(self):
+        """(a, b - a) with a, b = sqrt(beta_start), sqrt(beta_end): sqrt(beta) is linear in t."""
         a = math.sqrt(self.beta_start)
         return a, math.sqrt(self.beta_end) - a
 
     def integral(self, t: Array) -> Array:
-        a, d = self._ab()
+        a, d = self._sqrt_beta_start_and_slope()
         return self.base_steps * (a * a * t + a * d * t**2 + d * d * t**3 / 3.0)
 
     def log_alpha2_sigma2(self, t):
         return _vp_from_integral(self.integral(_f32(t)))
 
     def t_from_logsnr(self, logsnr):
-        a, d = self._ab()
+        a, d = self._sqrt_beta_start_and_slope()
         b = jax.nn.softplus(-clamp_logsnr(_f32(logsnr)))
         t = (jnp.cbrt(a**3 + 3.0 * d * b / self.base_steps) - a) / d
         beta = self.base_steps * (a + d * t) ** 2
@@ -240,7 +251,7 @@ class ScaledLinear(VPSchedule):
         return jnp.clip(t, 0.0, 1.0)
 
     def sde(self, t):
-        a, d = self._ab()
+        a, d = self._sqrt_beta_start_and_slope()
         beta = self.base_steps * (a + d * _f32(t)) ** 2
         return -0.5 * beta, beta
 
@@ -258,19 +269,20 @@ class Cosine(VPSchedule):
     s: float = 0.008
     num_steps: int = 0
 
-    def _c(self):
+    def _frequency_and_log_norm(self):
+        """(c = pi / (2 (1 + s)), log cos^2(s c)): the angle scale and the normaliser alpha_bar(0)."""
         return math.pi / (2.0 * (1.0 + self.s)), 2.0 * math.log(math.cos(self.s * math.pi / (2.0 * (1.0 + self.s))))
 
     def log_alpha2_sigma2(self, t):
         t = _f32(t)
-        c, log_norm = self._c()
-        la = 2.0 * jnp.log(jnp.sin((1.0 - t) * c)) - log_norm
-        ls = jnp.log(jnp.sin(t * c)) + jnp.log(jnp.sin((t + 2.0 * self.s) * c)) - log_norm
-        return la, ls
+        c, log_norm = self._frequency_and_log_norm()
+        log_alpha2 = 2.0 * jnp.log(jnp.sin((1.0 - t) * c)) - log_norm
+        log_sigma2 = jnp.log(jnp.sin(t * c)) + jnp.log(jnp.sin((t + 2.0 * self.s) * c)) - log_norm
+        return log_alpha2, log_sigma2
 
     def t_from_logsnr(self, logsnr):
         logsnr = clamp_logsnr(_f32(logsnr))
-        c, _ = self._c()
+        c, _ = self._frequency_and_log_norm()
         b = self.s * c
         a2 = jax.nn.sigmoid(logsnr)  # alpha_bar; cos u = sqrt(alpha_bar) cos b, u = (t + s) c
         u = jnp.arctan2(
@@ -279,7 +291,7 @@ class Cosine(VPSchedule):
         return jnp.clip((u - b) / c, 0.0, 1.0)
 
     def sde(self, t):
-        c, _ = self._c()
+        c, _ = self._frequency_and_log_norm()
         beta = 2.0 * c / jnp.tan((1.0 - _f32(t)) * c)  # -d log alpha_bar / dt = pi tan(u) / (1 + s)
         return -0.5 * beta, beta
 
@@ -460,6 +472,78 @@ class EDM(Schedule):
         return jnp.zeros_like(t), 2.0 * self.rho * sigma**2 * (hi - lo) / base
 
 
+# ----------------------------------------------------------------------------- rectified flow
+@_static_dataclass
+class RectifiedFlow(Schedule):
+    """Rectified flow / flow matching with the optimal-transport path: alpha_t = 1 - t, sigma_t = t
+    (Liu et al. 2023, eq. 1; Lipman et al. 2023, eq. 20-23; Esser et al. 2024, Sec. 2 and 3.1).
+
+    lambda_t = 2 log((1 - t) / t), so t = sigmoid(-lambda / 2). The velocity of the path is
+    dz/dt = eps - x. SDE with the same marginals: f = d log alpha / dt = -1 / (1 - t) and
+    g^2 = d sigma^2/dt - 2 f sigma^2 = 2 t / (1 - t) (infinite at t = 1, where alpha = 0 as
+    under zero terminal SNR; samplers cap sigma/alpha there).
+    """
+
+    num_steps: int = 0
+
+    def alpha_sigma(self, t):
+        t = _f32(t)
+        return 1.0 - t, t
+
+    def alpha_sigma_dt(self, t):
+        alpha, sigma = self.alpha_sigma(t)
+        return alpha, sigma, -jnp.ones_like(t), jnp.ones_like(t)
+
+    def logsnr(self, t):
+        t = _f32(t)
+        return clamp_logsnr(2.0 * (jnp.log1p(-t) - jnp.log(t)))
+
+    def t_from_logsnr(self, logsnr):
+        logsnr = _f32(logsnr)
+        t = jax.nn.sigmoid(-0.5 * clamp_logsnr(logsnr))
+        # the clamp values are the end points, as logsnr(0) = +LOGSNR_CLAMP and logsnr(1) = -LOGSNR_CLAMP
+        return jnp.where(logsnr >= LOGSNR_CLAMP, 0.0, jnp.where(logsnr <= -LOGSNR_CLAMP, 1.0, t))
+
+    def sde(self, t):
+        t = _f32(t)
+        return -1.0 / (1.0 - t), 2.0 * t / (1.0 - t)
+
+
+def shift_time(t: Array, shift: Array | float) -> Array:
+    """Resolution-dependent time shift t -> s t / (1 + (s - 1) t) (Esser et al. 2024, Eq. 23).
+
+    For alpha = 1 - t, sigma = t it multiplies sigma/alpha by s, i.e. lowers the logsnr by
+    2 log s at every step; s > 1 spends more time at high noise (larger images). A pure map of
+    [0, 1] onto itself, used alike on training times and on sampler grids; s = 1 is the identity.
+    """
+    t = _f32(t)
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def shift_time_derivative(t: Array, shift: Array | float) -> Array:
+    """d shift_time / dt = s / (1 + (s - 1) t)^2: the Jacobian that transforms time densities."""
+    return shift / (1.0 + (shift - 1.0) * _f32(t)) ** 2
+
+
+def flux_shift(
+    image_seq_len: int | Array,
+    *,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> Array:
+    """Flux's token-count dependent shift s = e^mu (diffusers' FluxPipeline `calculate_shift`).
+
+    mu is linear in the number of image tokens: base_shift at base_seq_len and max_shift at
+    max_seq_len (extrapolated beyond). diffusers' FlowMatchEulerDiscreteScheduler with
+    use_dynamic_shifting applies e^mu / (e^mu + (1/t - 1)) = `shift_time(t, e^mu)`.
+    """
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    mu = base_shift + slope * (jnp.asarray(image_seq_len, jnp.float32) - base_seq_len)
+    return jnp.exp(mu)
+
+
 # ----------------------------------------------------------------------------- discrete VP view
 @_static_dataclass
 class DiscreteVP(VPSchedule):
@@ -478,14 +562,14 @@ class DiscreteVP(VPSchedule):
     @classmethod
     def from_betas(cls, betas) -> "DiscreteVP":
         """Cumulative products of (1 - beta) computed in float64."""
-        la = np.cumsum(np.log1p(-np.asarray(betas, np.float64)))
-        return cls(tuple(float(v) for v in la), len(la))
+        log_alpha2 = np.cumsum(np.log1p(-np.asarray(betas, np.float64)))
+        return cls(tuple(float(v) for v in log_alpha2), len(log_alpha2))
 
     @classmethod
     def from_schedule(cls, schedule: "VPSchedule", num_steps: int) -> "DiscreteVP":
         """Sample a continuous VP schedule's alpha_bar at the grid t_i = (i + 1) / T."""
-        la, _ = schedule.log_alpha2_sigma2(step_to_t(jnp.arange(num_steps), num_steps))
-        return cls(tuple(float(v) for v in np.asarray(la)), num_steps)
+        log_alpha2, _ = schedule.log_alpha2_sigma2(step_to_t(jnp.arange(num_steps), num_steps))
+        return cls(tuple(float(v) for v in np.asarray(log_alpha2)), num_steps)
 
     def _table(self) -> Array:
         return jnp.asarray((0.0,) + self.log_alpha_bar, jnp.float32)
@@ -498,27 +582,27 @@ class DiscreteVP(VPSchedule):
         w = x - k
         lo, hi = table[k], table[k + 1]
         end = jnp.isneginf(hi)
-        la_lin = lo + w * (jnp.where(end, lo, hi) - lo)
-        la_end = lo + 2.0 * jnp.log1p(-jnp.where(end, w, 0.0))  # alpha linear in t on a zero-SNR last step
-        la = jnp.where(end, la_end, la_lin)
-        return la, jnp.log(-jnp.expm1(la))
+        log_alpha2_lin = lo + w * (jnp.where(end, lo, hi) - lo)
+        log_alpha2_end = lo + 2.0 * jnp.log1p(-jnp.where(end, w, 0.0))  # alpha linear in t on a zero-SNR last step
+        log_alpha2 = jnp.where(end, log_alpha2_end, log_alpha2_lin)
+        return log_alpha2, jnp.log(-jnp.expm1(log_alpha2))
 
     def t_from_logsnr(self, logsnr):
-        la = jax.nn.log_sigmoid(clamp_logsnr(_f32(logsnr)))
+        log_alpha2 = jax.nn.log_sigmoid(clamp_logsnr(_f32(logsnr)))
         table, T = self._table(), self.num_steps
-        j = jnp.searchsorted(-table, -la, side="left")  # first knot with log alpha_bar <= la
+        j = jnp.searchsorted(-table, -log_alpha2, side="left")  # first knot with log alpha_bar <= log_alpha2
         k = jnp.clip(j - 1, 0, T - 1)
         lo, hi = table[k], table[k + 1]
         end = jnp.isneginf(hi)
-        w_lin = (la - lo) / (jnp.where(end, lo - 1.0, hi) - lo)
-        w_end = -jnp.expm1(0.5 * (la - lo))
+        w_lin = (log_alpha2 - lo) / (jnp.where(end, lo - 1.0, hi) - lo)
+        w_end = -jnp.expm1(0.5 * (log_alpha2 - lo))
         w = jnp.clip(jnp.where(end, w_end, w_lin), 0.0, 1.0)
         return jnp.clip((k + w) / T, 0.0, 1.0)
 
     def betas(self) -> np.ndarray:
         """The per-step betas 1 - alpha_bar_i / alpha_bar_{i-1} (float64)."""
-        la = np.concatenate([[0.0], np.asarray(self.log_alpha_bar, np.float64)])
-        return -np.expm1(np.diff(la))
+        log_alpha2 = np.concatenate([[0.0], np.asarray(self.log_alpha_bar, np.float64)])
+        return -np.expm1(np.diff(log_alpha2))
 
 
 # ----------------------------------------------------------------------------- zero terminal SNR
@@ -574,9 +658,9 @@ def rescale_zero_terminal_snr(schedule: Schedule) -> Schedule:
         a0, a1 = sqrt_ab[0], sqrt_ab[-1]
         new = (sqrt_ab - a1) * a0 / (a0 - a1)
         with np.errstate(divide="ignore"):
-            la = 2.0 * np.log(new)
-        la[-1] = -np.inf
-        return DiscreteVP(tuple(float(v) for v in la), schedule.num_steps)
+            log_alpha2 = 2.0 * np.log(new)
+        log_alpha2[-1] = -np.inf
+        return DiscreteVP(tuple(float(v) for v in log_alpha2), schedule.num_steps)
     if isinstance(schedule, VPSchedule) and not isinstance(schedule, nnx.Module):
         return ZeroTerminalSNR(schedule, schedule.num_steps)
     raise ValueError(
@@ -631,16 +715,16 @@ class LearnedSchedule(Schedule, nnx.Module):
         return lmax - frac * (lmax - lmin)
 
     def alpha_sigma(self, t):
-        la, ls = _vp_from_logsnr(self._raw_logsnr(t))
-        return jnp.exp(0.5 * la), jnp.exp(0.5 * ls)
+        log_alpha2, log_sigma2 = _vp_from_logsnr(self._raw_logsnr(t))
+        return jnp.exp(0.5 * log_alpha2), jnp.exp(0.5 * log_sigma2)
 
     def logsnr(self, t):
         return clamp_logsnr(self._raw_logsnr(t))
 
     def sde(self, t):
         t = _f32(t)
-        _, dla = jax.jvp(lambda t: jax.nn.log_sigmoid(self._raw_logsnr(t)), (t,), (jnp.ones_like(t),))
-        return 0.5 * dla, -dla
+        _, dlog_alpha2 = jax.jvp(lambda t: jax.nn.log_sigmoid(self._raw_logsnr(t)), (t,), (jnp.ones_like(t),))
+        return 0.5 * dlog_alpha2, -dlog_alpha2
 
 
 # ----------------------------------------------------------------------------- betas
@@ -677,14 +761,14 @@ def _discrete_or(schedule: VPSchedule, num_steps: int) -> Schedule:
 
 
 @SCHEDULES.register("linear")
-def _linear(cfg, image_size=None) -> Schedule:
+def _linear(cfg, image_size=None, seed=0) -> Schedule:
     """DDPM linear betas 1e-4..0.02 (Ho et al. 2020); continuous limit = VP SDE (0.1, 20)."""
     T = cfg.num_steps
     return DiscreteVP.from_betas(linear_betas(T)) if T > 0 else VPLinear(0.1, 20.0)
 
 
 @SCHEDULES.register("vp")
-def _vp(cfg, image_size=None) -> Schedule:
+def _vp(cfg, image_size=None, seed=0) -> Schedule:
     """VP SDE (Song et al. 2021) with config beta_min/beta_max; discrete: betas (beta_min..beta_max) / T."""
     T = cfg.num_steps
     if T > 0:
@@ -693,21 +777,21 @@ def _vp(cfg, image_size=None) -> Schedule:
 
 
 @SCHEDULES.register("scaled_linear")
-def _scaled_linear(cfg, image_size=None) -> Schedule:
+def _scaled_linear(cfg, image_size=None, seed=0) -> Schedule:
     """Stable Diffusion sqrt-linear betas 0.00085..0.012."""
     T = cfg.num_steps
     return DiscreteVP.from_betas(scaled_linear_betas(T)) if T > 0 else ScaledLinear()
 
 
 @SCHEDULES.register("cosine")
-def _cosine(cfg, image_size=None) -> Schedule:
+def _cosine(cfg, image_size=None, seed=0) -> Schedule:
     """Nichol & Dhariwal 2021 cosine, s = 0.008; discrete betas clipped at 0.999."""
     T = cfg.num_steps
     return DiscreteVP.from_betas(cosine_betas(T)) if T > 0 else Cosine()
 
 
 @SCHEDULES.register("shifted_cosine")
-def _shifted_cosine(cfg, image_size=None) -> Schedule:
+def _shifted_cosine(cfg, image_size=None, seed=0) -> Schedule:
     """Hoogeboom et al. 2023: cosine logsnr in [logsnr_min, logsnr_max] + 2 log(shift_resolution / image_size)."""
     if image_size is None:
         raise ValueError("schedule 'shifted_cosine' needs image_size (get_schedule(cfg, image_size=...)).")
@@ -717,41 +801,52 @@ def _shifted_cosine(cfg, image_size=None) -> Schedule:
 
 
 @SCHEDULES.register("sigmoid")
-def _sigmoid(cfg, image_size=None) -> Schedule:
+def _sigmoid(cfg, image_size=None, seed=0) -> Schedule:
     """Chen 2023 sigmoid schedule with config sigmoid_start / sigmoid_end / sigmoid_tau."""
     sched = Sigmoid(float(cfg.sigmoid_start), float(cfg.sigmoid_end), float(cfg.sigmoid_tau))
     return _discrete_or(sched, cfg.num_steps)
 
 
 @SCHEDULES.register("subvp")
-def _subvp(cfg, image_size=None) -> Schedule:
+def _subvp(cfg, image_size=None, seed=0) -> Schedule:
     """sub-VP SDE (Song et al. 2021) with config beta_min/beta_max."""
     return SubVP(float(cfg.beta_min), float(cfg.beta_max), cfg.num_steps)
 
 
 @SCHEDULES.register("ve")
-def _ve(cfg, image_size=None) -> Schedule:
+def _ve(cfg, image_size=None, seed=0) -> Schedule:
     """NCSN / VE SDE geometric sigmas with config ve_sigma_min / ve_sigma_max (0.01 / 50)."""
     return VE(float(cfg.ve_sigma_min), float(cfg.ve_sigma_max), cfg.num_steps)
 
 
 @SCHEDULES.register("edm")
-def _edm(cfg, image_size=None) -> Schedule:
+def _edm(cfg, image_size=None, seed=0) -> Schedule:
     """Karras et al. 2022 sigma in [sigma_min, sigma_max] with the rho = 7 time mapping."""
     return EDM(float(cfg.sigma_min), float(cfg.sigma_max), 7.0, cfg.num_steps)
 
 
+@SCHEDULES.register("rectified_flow")
+def _rectified_flow(cfg, image_size=None, seed=0) -> Schedule:
+    """Rectified flow alpha = 1 - t, sigma = t (Liu et al. 2023; Lipman et al. 2023; Esser et al. 2024)."""
+    return RectifiedFlow(cfg.num_steps)
+
+
 @SCHEDULES.register("learned")
-def _learned(cfg, image_size=None) -> Schedule:
-    """VDM learned schedule initialised linear in logsnr from logsnr_max to logsnr_min."""
-    return LearnedSchedule(
-        float(cfg.logsnr_min), float(cfg.logsnr_max), num_steps=cfg.num_steps, rngs=nnx.Rngs(0)
-    )
+def _learned(cfg, image_size=None, seed=0) -> Schedule:
+    """VDM learned schedule initialised near linear in logsnr from learned_logsnr_max to learned_logsnr_min,
+    its network initialised from the run's seed."""
+    # configs written before the learned end points had their own fields used logsnr_min / logsnr_max
+    lo = cfg.get("learned_logsnr_min", cfg.get("logsnr_min"))
+    hi = cfg.get("learned_logsnr_max", cfg.get("logsnr_max"))
+    return LearnedSchedule(float(lo), float(hi), num_steps=cfg.num_steps, rngs=nnx.Rngs(seed))
 
 
-def get_schedule(diffusion_cfg, image_size: int | None = None) -> Schedule:
-    """Build config.diffusion.schedule, applying config.diffusion.zero_terminal_snr (Lin et al. 2024)."""
-    schedule = SCHEDULES.get(diffusion_cfg.schedule)(diffusion_cfg, image_size)
+def get_schedule(diffusion_cfg, image_size: int | None = None, *, seed: int = 0) -> Schedule:
+    """Build config.diffusion.schedule, applying config.diffusion.zero_terminal_snr (Lin et al. 2024).
+
+    `seed` initialises a learned schedule's network (the run's config.seed).
+    """
+    schedule = SCHEDULES.get(diffusion_cfg.schedule)(diffusion_cfg, image_size, seed)
     if diffusion_cfg.get("zero_terminal_snr", False):
         schedule = rescale_zero_terminal_snr(schedule)
     return schedule

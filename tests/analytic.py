@@ -148,3 +148,20 @@ def gmm_sample(key: Array, n: int, means, std, weights) -> Array:
     k1, k2 = jax.random.split(key)
     comp = jax.random.choice(k1, means.shape[0], (n,), p=jnp.asarray(weights, jnp.float32))
     return means[comp] + std * jax.random.normal(k2, (n,) + means.shape[1:])
+
+
+# ----------------------------------------------------------------------------- as sampler denoisers
+def gaussian_denoiser(schedule, mu, s):
+    """The exact denoiser of Gaussian data as the samplers call it: (z, t, c_noise=None) -> Denoised(x0, eps)."""
+    from diffax.samplers import Denoised
+
+    return lambda z, t, c_noise=None: Denoised(gaussian_x0(z, t, schedule, mu, s), gaussian_eps(z, t, schedule, mu, s))
+
+
+def gmm_denoiser(schedule, means, std, weights):
+    """The exact denoiser of the isotropic Gaussian mixture: (z, t, c_noise=None) -> Denoised(x0, eps)."""
+    from diffax.samplers import Denoised
+
+    return lambda z, t, c_noise=None: Denoised(
+        gmm_x0(z, t, schedule, means, std, weights), gmm_eps(z, t, schedule, means, std, weights)
+    )

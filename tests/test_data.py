@@ -327,7 +327,7 @@ def test_empty_folder_and_missing_folder_errors(tmp_path):
 
 
 def test_unknown_source_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="Valid names: digits, folder, npz, tfds, toy2d") as e:
+    with pytest.raises(ValueError, match="Valid names: digits, folder, latents, npz, tfds, toy2d") as e:
         data.make_iterator(make_config("imagenet"))
     assert "config.data.name" in str(e.value)
 
@@ -346,7 +346,7 @@ def test_field_errors_name_the_field(tmp_path, indexed_npz):
     floats = write_npz(tmp_path / "f.npz", np.full((2, 8, 8, 1), 2.0, np.float32))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         data.make_iterator(make_config(floats))
-    with pytest.raises(KeyError, match="config.data.image_key"):
+    with pytest.raises(ValueError, match="config.data.image_key"):
         data.make_iterator(make_config(indexed_npz, image_key="pixels"))
     assert data.data_shape(make_config(image_size=12, channels=3)) == (12, 12, 3)
     assert data.data_shape(make_config("toy2d:moons")) == (2,)

@@ -146,8 +146,18 @@ def test_scheduler_mapping_and_errors():
     assert np.isclose(diffusion["beta_min"], 0.4) and np.isclose(diffusion["beta_max"], 80.0)
     with pytest.raises(UnsupportedDiffusersConfig, match="sigmoid"):
         scheduler_config_to_diffax({"_class_name": "DDPMScheduler", "beta_schedule": "sigmoid"})
-    with pytest.raises(UnsupportedDiffusersConfig, match="EulerDiscreteScheduler"):
-        scheduler_config_to_diffax({"_class_name": "EulerDiscreteScheduler"})
+    with pytest.raises(UnsupportedDiffusersConfig, match="LMSDiscreteScheduler"):
+        scheduler_config_to_diffax({"_class_name": "LMSDiscreteScheduler"})
+    with pytest.raises(UnsupportedDiffusersConfig, match="use_exponential_sigmas=True"):
+        scheduler_config_to_diffax({"_class_name": "EulerDiscreteScheduler", "use_exponential_sigmas": True})
+    with pytest.raises(UnsupportedDiffusersConfig, match="algorithm_type='dpmsolver'"):
+        scheduler_config_to_diffax({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver"})
+    with pytest.raises(UnsupportedDiffusersConfig, match="image tokens"):
+        scheduler_config_to_diffax({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True})
+    # missing keys take the constructor's defaults: DDIM's spacing is leading (not trailing), Euler's linspace
+    _, sampling = scheduler_config_to_diffax({"_class_name": "DDIMScheduler"})
+    assert (sampling["spacing"], sampling["steps_offset"], sampling["final_alpha_one"]) == ("leading", 0, True)
+    assert scheduler_config_to_diffax({"_class_name": "EulerDiscreteScheduler"})[1]["spacing"] == "linspace"
     with pytest.raises(UnsupportedDiffusersConfig, match="prediction_type='flow'"):
         scheduler_config_to_diffax({"_class_name": "DDPMScheduler", "prediction_type": "flow"})
 

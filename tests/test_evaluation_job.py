@@ -10,7 +10,7 @@ import pytest
 
 from configs import default
 from diffax import data, samplers
-from diffax.evaluation import digits_features, job, statistics
+from diffax.evaluation import digits_features, dinov2, job, statistics
 
 
 def _config(**eval_overrides):
@@ -77,7 +77,7 @@ def run(tmp_path_factory):
 
         shape = tuple(data.data_shape(config))
 
-        def draw(num_samples, seed, batch_size=None):
+        def draw(num_samples, seed, batch_size=None, progress=True):
             return samplers.draw_samples(sample_fn, num_samples, batch_size, shape, seed, progress=False)
 
         return types.SimpleNamespace(sample_fn=sample_fn, step=step, draw=draw,
@@ -137,6 +137,7 @@ def test_reference_stats_command_matches_a_direct_pass(run, tmp_path):
     space = job.feature_space(cfg, str(tmp_path))
     feats = space.feature_fn(_digits_uint8()[0][:1500])["features"].astype(np.float64)
     assert ref["num_images"] == 1500 and ref["feature_space"] == space.name
+    assert ref["protocol"] == space.protocol == job.DIGITS_PROTOCOL
     np.testing.assert_allclose(ref["mu"], feats.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ref["sigma"], np.cov(feats, rowvar=False), rtol=1e-4, atol=1e-4)
     cached = statistics.load_stats(os.path.join(workdir, "eval", "reference_stats_digits.npz"))
@@ -172,6 +173,46 @@ def test_missing_weights_outside_digits_is_an_error(tmp_path):
         job.score(np.zeros((4, 16, 16, 1), np.uint8), types.SimpleNamespace(), {}, _config(metrics=("fid", "lpips")))
 
 
+def test_fd_dinov2_is_reported_when_configured(run, monkeypatch):
+    workdir, state = run
+    tiny = os.path.join(os.path.dirname(__file__), "fixtures", "dinov2", "tiny")  # random weights
+    cfg = _config(num_samples=60, batch_size=30, metrics=("fid",), dinov2_weights=tiny)
+    all_images = job.dataset_images
+
+    def first_150(config, batch_size):  # DINOv2 runs at 224x224: its reference uses 150 training images here
+        for i, batch in enumerate(all_images(config, batch_size)):
+            if i * batch_size >= 150:
+                return
+            yield batch
+
+    monkeypatch.setattr(job, "dataset_images", first_150)
+    state["loads"] = []
+    by_step = {r["step"]: r for r in job.run_eval(cfg, workdir)}
+    assert state["loads"] == [100, 200]  # other settings (dinov2) than the records above: evaluated afresh
+    r100, r200 = by_step[100], by_step[200]
+    assert r200["dinov2"] == "dinov2-32x2-p14/cls" and set(r200["metrics"]) == {"fd_digits", "fd_dinov2"}
+    assert r200["metrics"]["fd_dinov2"] < r100["metrics"]["fd_dinov2"] / 2  # real digits beat noise
+    ref = statistics.load_stats(os.path.join(workdir, "eval", "reference_stats_dinov2.npz"))
+    assert (ref["feature_space"], ref["protocol"], ref["num_images"]) == ("dinov2-32x2-p14/cls", dinov2.PROTOCOL, 150)
+
+
+def test_foreign_reference_stats_need_their_protocol(tmp_path):
+    space = job.FeatureSpace(job.INCEPTION_SPACE, "tf", None, 3, {"fid": "fid"}, "reference_stats_tf.npz")
+    edm = str(tmp_path / "cifar10-32x32.npz")  # EDM's reference files hold mu and sigma only
+    np.savez(edm, mu=np.zeros(3), sigma=np.eye(3))
+    cfg = _config(reference_stats=edm)
+    with pytest.raises(ValueError, match="does not record the FID protocol"):
+        job.reference_stats(cfg, str(tmp_path), space)
+    cfg.eval.reference_protocol = "tf"
+    np.testing.assert_array_equal(job.reference_stats(cfg, str(tmp_path), space)["sigma"], np.eye(3))
+    cfg.eval.reference_protocol = "clean"
+    with pytest.raises(ValueError, match=r"'clean' protocol.*'tf'"):
+        job.reference_stats(cfg, str(tmp_path), space)
+    cfg.eval.reference_protocol = "edm"
+    with pytest.raises(ValueError, match="config.eval.reference_protocol='edm'.*valid: tf, pytorch_fid, clean"):
+        job.reference_stats(cfg, str(tmp_path), space)
+
+
 @pytest.mark.slow
 def test_end_to_end_with_the_real_trainer(tmp_path):
     """Train the default digits config for 4 steps, then `run_eval` through inference.load."""
@@ -186,6 +227,23 @@ def test_end_to_end_with_the_real_trainer(tmp_path):
     trainer.train(cfg, workdir)
     records = job.run_eval(cfg, workdir, watch=True)
     assert [r["step"] for r in records] == [2, 4]
-    assert all(np.isfinite(v) for r in records for v in r["metrics"].values())
     lines = [json.loads(x) for x in open(os.path.join(workdir, "eval", job.RESULTS))]
     assert [x["step"] for x in lines] == [2, 4]
+    names = {"fd_digits", "kd_digits", "kd_digits_std", "is_digits", "is_digits_std"}
+    assert all(set(r["metrics"]) == names for r in records)
+    assert records[0]["metrics"] != records[1]["metrics"]  # each record scores its own checkpoint
+    # The record is what sampling that checkpoint and scoring the samples gives by hand.
+    from diffax.training import inference
+
+    space, edir = job.feature_space(cfg, job.eval_dir(workdir)), job.eval_dir(workdir)
+    ref = job.reference_stats(cfg, workdir, space)
+    images = inference.load(workdir, 4, config=cfg).draw(cfg.eval.num_samples, job._eval_seed(cfg),
+                                                          batch_size=cfg.eval.batch_size, progress=False)["images"]
+    by_hand = job.score(images, space, ref, cfg)
+    for name in names:
+        assert records[1]["metrics"][name] == pytest.approx(by_hand[name], rel=1e-6), name
+    # A 4-step model's samples are far from the data: held-out digits score much better.
+    real = job.score(_digits_uint8()[0][1500:1600], space, ref, cfg)
+    assert records[1]["metrics"]["fd_digits"] > 5 * real["fd_digits"]
+    assert records[1]["metrics"]["is_digits"] < real["is_digits"]
+    assert os.path.isfile(os.path.join(edir, "reference_stats_digits.npz"))

@@ -19,17 +19,14 @@ STD = np.array([0.3, 1.0, 0.6], np.float32)
 
 
 def denoiser(schedule):
-    return lambda z, t: (
-        analytic.gaussian_x0(z, t, schedule, MU, STD),
-        analytic.gaussian_eps(z, t, schedule, MU, STD),
-    )
+    return analytic.gaussian_denoiser(schedule, MU, STD)
 
 
 def data(n, key=0):
     return jnp.asarray(MU + STD * np.asarray(jax.random.normal(jax.random.PRNGKey(key), (n, 3))))
 
 
-@pytest.mark.parametrize("schedule", [S.VPLinear(), S.EDM(), S.Cosine()], ids=["vp", "edm", "cosine"])
+@pytest.mark.parametrize("schedule", [S.VPLinear(), S.EDM(), S.Cosine(), S.RectifiedFlow()], ids=["vp", "edm", "cosine", "rectified_flow"])
 def test_exact_divergence_matches_analytic_logpdf(schedule):
     """log p(x) by the ODE with the exact trace equals log N(x; mu, diag(s^2)) within 1% (Song et al. 2021,
     Sec. 4.3); the part due to the ODE alone (delta_logp) equals log q_0(x) - log q_T(z_T) within 1e-3 nats,
@@ -53,8 +50,8 @@ def rotated_denoiser(schedule):
     inner = denoiser(schedule)
 
     def den(z, t):
-        x0, eps = inner(z @ ROT, t)  # (R^T z^T)^T = z R
-        return x0 @ ROT.T, eps @ ROT.T
+        out = inner(z @ ROT, t)  # (R^T z^T)^T = z R
+        return out._replace(x0=out.x0 @ ROT.T, eps=out.eps @ ROT.T)
 
     return den
 

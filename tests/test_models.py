@@ -1,7 +1,7 @@
 """Tests for diffax/models: published parameter counts, initialisation, conditioning, dtype, remat, dropout.
 
 Compile time dominates on CPU, so each architecture is initialised once per module
-(fixtures), variants (remat, bfloat16, learn_sigma, conv_impl) reuse its parameters
+(fixtures), variants (remat, bfloat16, learn_sigma) reuse its parameters
 through nnx.eval_shape, and everything is jitted at XLA backend optimisation level 0.
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def test_ddpm_cifar10_param_count():
     m = get_config().model
     m.update(dict(name="unet", channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                   attention_resolutions=(16,), dropout=0.1, norm_groups=32))  # fmt: skip
-    n = count_params(m, data_shape=(32, 32, 3), num_classes=0)
+    n = count_params(nnx.eval_shape(lambda: build_model(m, data_shape=(32, 32, 3), num_classes=0, rngs=nnx.Rngs(0))))
     assert abs(n - 35.7e6) / 35.7e6 < 0.01, n
     assert n == 35_746_307  # the same count as diffusers' google/ddpm-cifar10-32
 
@@ -127,7 +127,8 @@ def test_dit_param_counts_match_paper(name, millions):
     """Peebles & Xie (2023), Table 1: 256x256 images = 32x32x4 latents, 1000 classes, learned sigma."""
     m = get_config().model
     m.update(dict(name="dit", preset=f"{name}/2", learn_sigma=True))
-    n = count_params(m, data_shape=(32, 32, 4), num_classes=1000)
+    n = count_params(nnx.eval_shape(lambda: build_model(m, data_shape=(32, 32, 4), num_classes=1000,
+                                                        rngs=nnx.Rngs(0))))
     assert abs(n - millions * 1e6) / (millions * 1e6) < 0.01, n
 
 
@@ -205,10 +206,11 @@ def test_zero_init_output_then_conditioning(net):
     live = variant(name, params)
     out = apply(live, x, c, LABELS)
     assert out.shape == x.shape and np.all(np.isfinite(out))
-    assert np.abs(out[0] - out[1]).max() > 1e-4  # class 0 vs class 1
-    assert np.abs(out[2] - out[0]).max() > 1e-4  # null label vs class 0
+    scale = 1e-2 * np.abs(out).max()  # the exact outputs are checked against references below and in fixtures
+    assert np.abs(out[0] - out[1]).max() > scale  # class 0 vs class 1
+    assert np.abs(out[2] - out[0]).max() > scale  # null label vs class 0
     other = apply(live, x, c + 400.0, LABELS)
-    assert np.abs(other - out).max() > 1e-4
+    assert np.abs(other - out).max() > scale
 
 
 def test_dropout_only_with_key(net):
@@ -287,18 +289,85 @@ def test_remat_same_values_and_gradients(net, plain_grads):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
 
-def test_unet_rows_conv_impl_same_values_and_gradients(net, plain_grads):
+# ----------------------------------------------------------------------------- independent references
+
+
+def _np(v):
+    return np.asarray(v[...], np.float64)
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _sinusoidal(c, dim, freq_shift=1.0):
+    """DDPM's embedding written out: [sin(c w_i), cos(c w_i)], w_i = 10000^(-i / (dim/2 - freq_shift))."""
+    half = dim // 2
+    w = 10000.0 ** (-np.arange(half) / (half - freq_shift))
+    return np.concatenate([np.sin(c[:, None] * w), np.cos(c[:, None] * w)], axis=1)
+
+
+def test_mlp_matches_a_numpy_forward(net):
+    """The MLP (with class labels and live weights) against its formula written out in numpy, float64."""
     name, _, params = net
-    if name != "unet":
-        pytest.skip("only the UNet has convolutions")
-    x, c = inputs(SHAPE)
-    l0, g0 = plain_grads
-    l1, g1 = loss_and_grads(variant(name, params, conv_impl="rows"), x, c)
-    np.testing.assert_allclose(l1, l0, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
-    with pytest.raises(ValueError, match="conv_impl"):
-        variant(name, params, conv_impl="cudnn")
+    if name != "mlp":
+        pytest.skip("the MLP's reference")
+    m = variant(name, params)
+    x = np.random.default_rng(3).standard_normal((3, 2))
+    c = np.array([5.0, 321.0, 900.0])
+    lin = lambda layer, h: h @ _np(layer.kernel) + _np(layer.bias)  # noqa: E731
+    emb = lin(m.time_mlp2, _silu(lin(m.time_mlp1, _sinusoidal(c, 16))))
+    emb = _silu(emb + _np(m.label_embed.embedding)[np.asarray(LABELS)])
+    h = lin(m.inp, x)
+    for hid, temb, mix in zip(m.hid, m.temb, m.mix):
+        h = h + lin(mix, _silu(lin(hid, h) + lin(temb, emb)))
+    want = lin(m.out, _silu(h))
+    got = apply(m, jnp.asarray(x, jnp.float32), jnp.asarray(c, jnp.float32), LABELS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def _dit_block_numpy(w: dict, x: np.ndarray, cond: np.ndarray, heads: int) -> np.ndarray:
+    """One DiT block with adaLN-Zero (Peebles & Xie 2023, Fig. 3; their `DiTBlock`), in numpy."""
+    def ln(z):
+        return (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-6)
+
+    def gelu_tanh(z):
+        return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+
+    b, t, d = x.shape
+    mod = _silu(cond) @ w["adaln.kernel"] + w["adaln.bias"]
+    shift1, scale1, gate1, shift2, scale2, gate2 = (m[:, None, :] for m in np.split(mod, 6, axis=-1))
+    h = ln(x) * (1 + scale1) + shift1
+    q, k, v = (z.reshape(b, t, heads, d // heads) for z in np.split(h @ w["qkv.kernel"] + w["qkv.bias"], 3, -1))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // heads)
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    h = np.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, d) @ w["proj.kernel"] + w["proj.bias"]
+    x = x + gate1 * h
+    h = ln(x) * (1 + scale2) + shift2
+    h = gelu_tanh(h @ w["fc1.kernel"] + w["fc1.bias"]) @ w["fc2.kernel"] + w["fc2.bias"]
+    return x + gate2 * h
+
+
+def test_dit_blocks_match_a_numpy_forward(net):
+    """DiT's scanned, stacked blocks (live weights) against the block written out in numpy, applied in order."""
+    name, _, params = net
+    if name != "dit":
+        pytest.skip("the DiT's reference")
+    from diffax.models.dit import scan_blocks
+
+    m = variant(name, params)
+    rng = np.random.default_rng(4)
+    x, cond = rng.standard_normal((3, 16, 16)), rng.standard_normal((3, 16))
+    stacked = {".".join(map(str, k)): np.asarray(v[...], np.float64)
+               for k, v in nnx.to_flat_state(nnx.state(m.blocks, nnx.Param))}  # fmt: skip
+    want = x
+    for i in range(2):
+        want = _dit_block_numpy({k: v[i] for k, v in stacked.items()}, want, cond, heads=2)
+    graphdef, state = nnx.split(m.blocks)
+    got = jax.jit(lambda s, h, c: scan_blocks(nnx.merge(graphdef, s), h, c), compiler_options=FAST)(
+        state, jnp.asarray(x, jnp.float32), jnp.asarray(cond, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 # ----------------------------------------------------------------------------- layers
@@ -312,11 +381,16 @@ def test_dropout_layer_statistics():
     np.testing.assert_array_equal(layers.dropout(x, 0.25, None), x)
 
 
+@pytest.mark.parametrize("conv", ["diffax", "rows"])
 @pytest.mark.parametrize(
     "stride,padding,ksize", [(1, "same", 3), (2, ((0, 1), (0, 1)), 3), (2, ((1, 1), (1, 1)), 3), (1, "same", 1)]
 )
-def test_rows_conv_matches_nnx_conv(stride, padding, ksize):
-    """conv_impl='rows' (kernel gradient as a 1-D row convolution) equals nnx.Conv in values and all gradients."""
+def test_conv_matches_nnx_conv(stride, padding, ksize, conv):
+    """diffax's conv2d, and the benchmarks' row-convolution kernel gradient (benchmarks/conv_rows.py),
+    equal nnx.Conv in values and all gradients."""
+    from benchmarks.conv_rows import conv2d_rows
+
+    conv2d = layers.conv2d if conv == "diffax" else conv2d_rows
     conv = lambda: nnx.Conv(6, 5, (ksize, ksize), strides=stride, padding=padding, rngs=nnx.Rngs(0))  # noqa: E731
     ref = nnx.eval_shape(conv)
     rng = np.random.default_rng(0)
@@ -325,7 +399,7 @@ def test_rows_conv_matches_nnx_conv(stride, padding, ksize):
     pad = ((ksize // 2,) * 2,) * 2 if padding == "same" else padding
 
     def ours(kernel, bias, x):
-        return layers.conv2d(x, kernel, stride=stride, padding=pad, impl="rows") + bias
+        return conv2d(x, kernel, stride=stride, padding=pad) + bias
 
     graphdef = nnx.graphdef(ref)
 

@@ -9,15 +9,18 @@ workdir.
 
 Checked: 2 processes x 2 devices give the loss trajectory of 1 process x 4 devices (same seed);
 only process 0 writes metrics.jsonl, tb/ and the sample images; every process writes its part of
-each checkpoint; both processes SIGKILLed at step 6 and started again resume from the step-4
-checkpoint and reproduce the uninterrupted 2-process run.
+each checkpoint; both processes SIGKILLed after the step-4 checkpoint and started again resume from
+it and reproduce the uninterrupted 2-process run; a SIGTERM sent to process 1 only stops both after
+the same step with one checkpoint, and the restart reproduces the uninterrupted run too.
 """
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -25,7 +28,7 @@ import pytest
 from runs import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, CHECKPOINT_EVERY, KILL_AT = 8, 4, 6
+STEPS, CHECKPOINT_EVERY = 8, 4
 
 TOY = [
     "--config", "configs/toy2d.py",
@@ -68,8 +71,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp, workdir, processes, devices, tag, env=None, timeout=240):
-    """Run `diffax train` as `processes` processes of one job; returns [(returncode, output, written paths)]."""
+def launch(tmp, workdir, processes, devices, tag, env=None, timeout=240, signal_when=None, args=None):
+    """Run `diffax train` (or `diffax ARGS`) as `processes` processes of one job; returns
+    [(returncode, output, written paths)].
+
+    signal_when=(ready, signum, process ids): send signum to those processes once ready() is true.
+    """
     launcher = tmp / "launcher.py"
     launcher.write_text(LAUNCHER)
     port = free_port()
@@ -86,10 +93,18 @@ def launch(tmp, workdir, processes, devices, tag, env=None, timeout=240):
                            DIFFAX_PROCESS_ID=str(i))
         os.makedirs(workdir, exist_ok=True)
         out = open(tmp / f"{tag}_out_{i}.txt", "w")
-        procs.append((subprocess.Popen([sys.executable, str(launcher), "train", "--workdir", str(workdir), *TOY],
+        command = args or ["train", "--workdir", str(workdir), *TOY]
+        procs.append((subprocess.Popen([sys.executable, str(launcher), *command],
                                        cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT), out, audit))
     results = []
     try:
+        if signal_when is not None:
+            ready, signum, targets = signal_when
+            deadline = time.time() + timeout
+            while not ready() and time.time() < deadline and all(p.poll() is None for p, _, _ in procs):
+                time.sleep(0.005)
+            for i in targets:
+                procs[i][0].send_signal(signum)
         for proc, out, audit in procs:
             proc.wait(timeout)
     finally:
@@ -130,10 +145,17 @@ def multi(tmp):
     return results
 
 
+def committed(workdir, step):
+    """True once the checkpoint of `step` is complete (Orbax renames it into place when it is)."""
+    return os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+
+
 @pytest.fixture(scope="module")
 def resumed(tmp):
-    """2 processes x 2 devices, both SIGKILLed at step 6, then started again on the same workdir."""
-    killed = launch(tmp, tmp / "resumed", 2, 2, "killed", env={"DIFFAX_FAULT_KILL_AT_STEP": str(KILL_AT)})
+    """2 processes x 2 devices, both SIGKILLed once checkpoint 4 is committed (while the grid of
+    step 4 is drawn), then started again on the same workdir."""
+    killed = launch(tmp, tmp / "resumed", 2, 2, "killed",
+                    signal_when=(lambda: committed(tmp / "resumed", CHECKPOINT_EVERY), signal.SIGKILL, (0, 1)))
     latest = max((int(s) for s in os.listdir(tmp / "resumed" / "checkpoints") if s.isdigit()), default=None)
     results = launch(tmp, tmp / "resumed", 2, 2, "resumed")
     check_ok(results)
@@ -205,3 +227,21 @@ def test_killing_both_processes_then_restarting_resumes(tmp, multi, resumed):
     out0 = resumed["resumed"][0][1]
     assert f"step {STEPS}/{STEPS}" in out0
     assert f"step 2/{STEPS}" not in out0  # resumed from the step-4 checkpoint, not from scratch
+
+
+@pytest.mark.slow  # two more 2-process runs
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp, multi):
+    workdir = tmp / "preempted"
+    stopped = launch(tmp, workdir, 2, 2, "preempted",
+                     signal_when=(lambda: committed(workdir, CHECKPOINT_EVERY), signal.SIGTERM, (1,)))
+    steps = set()
+    for code, text, _ in stopped:
+        assert code == 143, text[-3000:]
+        steps.add(int(re.search(r"stopped by .* at step (\d+)", text).group(1)))
+    (step,) = steps  # both processes name the same step
+    assert max(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == step
+    check_ok(launch(tmp, workdir, 2, 2, "preempted_resumed"))
+    after, before = losses(workdir), losses(tmp / "multi")
+    for k in sorted(before):  # every log window (k - 2, k] the stop did not cut
+        if not k - 2 < step < k:
+            assert after[k] == pytest.approx(before[k], rel=1e-6), k

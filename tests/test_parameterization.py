@@ -26,6 +26,7 @@ SCHEDS = {
     "ve": S.VE(),
     "edm": S.EDM(),
     "ddpm": S.DiscreteVP.from_betas(S.linear_betas(1000)),
+    "rf": S.RectifiedFlow(),
 }
 
 
@@ -59,7 +60,7 @@ def conversions(sched, seed):
     return x, eps, targets, readback, pairs
 
 
-@pytest.mark.parametrize("sched_name", ["cosine-zt", "ve", "ddpm"])
+@pytest.mark.parametrize("sched_name", ["cosine-zt", "ve", "ddpm", "rf"])
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_conversions_round_trip_every_pair(sched_name, seed):
@@ -82,16 +83,15 @@ def test_eps_mse_factor():
 
     def factors():
         res = {}
-        for sched_name in ("vp", "ve", "cosine-zt"):
+        for sched_name in ("vp", "ve", "cosine-zt", "rf"):
             sched = SCHEDS[sched_name]
             x, eps, t, z = sample(1, sched)
-            alpha, sigma = sched.alpha_sigma(t)
             for name in NAMES:
                 p = param(name)
                 target = p.from_x0_eps(x, eps, z, t, sched)
                 out = target + 0.1 * jax.random.normal(jax.random.PRNGKey(7), target.shape)
                 _, eps_hat = p.to_x0_eps(out, z, t, sched)
-                k = p.eps_mse_factor(sched.logsnr(t), alpha**2 + sigma**2)
+                k = p.eps_mse_factor(t, sched)
                 res[sched_name, name] = (
                     jnp.mean((eps_hat - eps) ** 2, axis=(1, 2, 3)),
                     k * jnp.mean((out - target) ** 2, axis=(1, 2, 3)),
@@ -151,6 +151,18 @@ def test_noise_conditioning_conventions():
     np.testing.assert_allclose(r["continuous"], [1, 500, 1000], rtol=1e-6)
     np.testing.assert_allclose(r["discrete"], [0, 499, 999], atol=1e-3)
     np.testing.assert_allclose(r["edm"], r["log_sigma"] / 4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1000, 4000, 10])
+def test_discrete_c_noise_is_the_integer_step(T):
+    """Every grid time t_i = (i + 1) / T gives c_noise exactly i (float32 rounding used to leave 575 of 1000
+    indices off by up to 6e-5); a time between grid points keeps its fractional index."""
+    sched = S.DiscreteVP.from_betas(S.linear_betas(T))
+    z = jnp.zeros((T, 1))
+    c = jax.jit(lambda t: param("eps").model_inputs(z, t, sched)[1])(S.step_to_t(jnp.arange(T), T))
+    np.testing.assert_array_equal(c, np.arange(T, dtype=np.float32))
+    mid = jax.jit(lambda t: P.noise_conditioning(t, sched))(jnp.float32(0.5 + 0.25 / T))
+    assert float(mid) == pytest.approx(0.5 * T - 0.75, abs=1e-3)
 
 
 def test_zero_terminal_snr_v_and_edm_are_finite():
@@ -221,5 +233,37 @@ def test_split_learned_variance():
 
 
 def test_unknown_prediction_lists_names():
-    with pytest.raises(ValueError, match="Valid names: edm, eps, score, v, x0"):
+    with pytest.raises(ValueError, match="Valid names: edm, eps, flow, score, v, x0"):
         param("epsilon")
+
+
+def test_flow_target_closed_forms():
+    """Flow target = path velocity (Lipman et al. 2023, eq. 15): eps - x for rectified flow, with x0 = z - t u and
+    eps = z + (1 - t) u, exact at t = 0 and t = 1; for a VP schedule alpha' x + sigma' eps by finite differences."""
+    p = param("flow")
+
+    def compute():
+        x, eps, _, _ = sample(2, SCHEDS["rf"])
+        t = jnp.array([0.0, 0.3, 0.7, 1.0])
+        z = P.coefficients(x, t, SCHEDS["rf"])[0] * x + P.coefficients(x, t, SCHEDS["rf"])[1] * eps
+        u = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+        tv = jnp.array([0.2, 0.4, 0.6, 0.8])
+        vp = SCHEDS["vp"]
+        alpha, sigma = P.coefficients(x, tv, vp)
+        zv = alpha * x + sigma * eps
+        h = 1e-3
+        (a_hi, s_hi), (a_lo, s_lo) = P.coefficients(x, tv + h, vp), P.coefficients(x, tv - h, vp)
+        return dict(
+            x=x, eps=eps, z=z, u=u, t=t, target=p.from_x0_eps(x, eps, z, t, SCHEDS["rf"]),
+            read=p.to_x0_eps(u, z, t, SCHEDS["rf"]), k=p.eps_mse_factor(t, SCHEDS["rf"]),
+            vp_target=p.from_x0_eps(x, eps, zv, tv, vp),
+            vp_fd=((a_hi - a_lo) * x + (s_hi - s_lo) * eps) / (2 * h),
+        )
+
+    r = run_jit(compute)
+    tb = r["t"].reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(r["target"], r["eps"] - r["x"], atol=1e-6)
+    np.testing.assert_allclose(r["read"][0], r["z"] - tb * r["u"], atol=1e-6)
+    np.testing.assert_allclose(r["read"][1], r["z"] + (1 - tb) * r["u"], atol=1e-6)
+    np.testing.assert_allclose(r["k"], (1 - r["t"]) ** 2, atol=1e-7)
+    np.testing.assert_allclose(r["vp_target"], r["vp_fd"], rtol=2e-3, atol=2e-3)

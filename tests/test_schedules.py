@@ -1,4 +1,5 @@
 """Noise schedules against published values, closed forms and their own inverses / SDEs."""
+import functools
 import math
 
 import jax
@@ -257,7 +258,7 @@ def test_step_index_helpers():
 
 def test_learned_schedule_trains():
     """VDM learned schedule: monotone, endpoints from config, gradients into its parameters."""
-    sched = make("learned", logsnr_min=-10.0, logsnr_max=12.0)
+    sched = make("learned", learned_logsnr_min=-10.0, learned_logsnr_max=12.0)
     assert isinstance(sched, nnx.Module) and isinstance(sched, S.Schedule)
 
     def check(s):
@@ -279,3 +280,77 @@ def test_learned_schedule_trains():
     assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
     # implicit gradient of the inverse: dt/dlambda = 1 / lambda'(t)
     assert float(r["dt"]) == pytest.approx(1.0 / float(r["dlam"]), rel=1e-3)
+
+    # Training: Adam on the squared error to a curved target with other end points (7 and -7) moves
+    # the schedule onto it (VDM trains these parameters by gradient), and it stays monotone.
+    import optax
+
+    t = jnp.linspace(0.0, 1.0, 64)
+    target = 7.0 - 14.0 * t**2
+    graphdef, params = nnx.split(sched, nnx.Param)
+    tx = optax.adam(3e-2)
+
+    def error(params):
+        return jnp.mean((nnx.merge(graphdef, params).logsnr(t) - target) ** 2)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def train(params):
+        def step(carry, _):
+            params, opt_state = carry
+            updates, opt_state = tx.update(jax.grad(error)(params), opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
+
+        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=2000)
+        return params
+
+    before, trained = float(error(params)), train(params)
+    after, target = f64(nnx.merge(graphdef, trained).logsnr(t)), f64(target)
+    assert float(error(trained)) < 1e-3 * before, (before, float(error(trained)), after[[0, 32, -1]])
+    np.testing.assert_allclose(after[[0, -1]], target[[0, -1]], atol=0.1)
+    assert np.all(np.diff(after) < 0)
+
+# ----------------------------------------------------------------------------- rectified flow and time shifts
+def test_rectified_flow_closed_forms():
+    """alpha = 1 - t, sigma = t (Liu et al. 2023; Esser et al. 2024): logsnr 2 log((1 - t) / t), inverse
+    sigmoid(-lambda / 2) with the clamp values at the end points, derivatives (-1, 1), SDE f = -1/(1-t), g^2 = 2t/(1-t)."""
+    sched = make("rectified_flow")
+    t = np.array([0.0, 1e-3, 0.25, 0.5, 0.9, 1.0])
+    r = fast_jit(lambda t: dict(
+        ab=sched.alpha_sigma(t), lam=sched.logsnr(t[1:-1]), back=sched.t_from_logsnr(jnp.array([-30.0, 30.0, -2.0])),
+        dt=sched.alpha_sigma_dt(t), generic=S.Schedule.alpha_sigma_dt(sched, t), sde=sched.sde(t[:-1]),
+    ))(jnp.asarray(t, jnp.float32))
+    np.testing.assert_array_equal(r["ab"][0], 1 - t.astype(np.float32))
+    np.testing.assert_array_equal(r["ab"][1], t.astype(np.float32))
+    tm = t[1:-1]
+    np.testing.assert_allclose(f64(r["lam"]), 2 * np.log((1 - tm) / tm), rtol=1e-5)
+    np.testing.assert_allclose(f64(r["back"]), [1.0, 0.0, 1 / (1 + np.exp(-1.0))], rtol=1e-6)
+    np.testing.assert_array_equal(r["dt"][2], -1.0)
+    np.testing.assert_array_equal(r["dt"][3], 1.0)
+    for closed, autodiff in zip(r["dt"], r["generic"]):  # the override agrees with the generic autodiff
+        np.testing.assert_allclose(closed, autodiff, atol=1e-6)
+    np.testing.assert_allclose(f64(r["sde"][0]), -1 / (1 - t[:-1]), rtol=1e-6)
+    np.testing.assert_allclose(f64(r["sde"][1]), 2 * t[:-1] / (1 - t[:-1]), rtol=1e-5, atol=1e-9)
+
+
+def test_shift_time_esser_eq23():
+    """t -> s t / (1 + (s - 1) t) multiplies sigma / alpha of rectified flow by s (Esser et al. 2024, eq. 23):
+    logsnr drops by 2 log s; identity at s = 1; fixes 0 and 1; derivative s / (1 + (s - 1) t)^2 = autodiff."""
+    sched = make("rectified_flow")
+    t = jnp.linspace(0.01, 0.99, 23)
+    for s in (1.0, 3.0, 0.5):
+        ts = S.shift_time(t, s)
+        np.testing.assert_allclose(f64(sched.logsnr(ts)), f64(sched.logsnr(t)) - 2 * math.log(s), atol=2e-4)
+        np.testing.assert_allclose(f64(S.shift_time(jnp.array([0.0, 1.0]), s)), [0.0, 1.0], atol=1e-7)
+        np.testing.assert_allclose(S.shift_time_derivative(t, s), jax.vmap(jax.grad(lambda u: S.shift_time(u, s)))(t), rtol=1e-5)
+    np.testing.assert_allclose(S.shift_time(t, 1.0), t, rtol=1e-7)
+
+
+def test_flux_shift_matches_calculate_shift():
+    """diffusers' FluxPipeline calculate_shift: mu = m L + b with m = (1.15 - 0.5) / (4096 - 256), b = 0.5 - 256 m."""
+    m = (1.15 - 0.5) / (4096 - 256)
+    b = 0.5 - m * 256
+    for seq_len in (256, 1024, 4096, 8192):
+        assert float(S.flux_shift(seq_len)) == pytest.approx(math.exp(seq_len * m + b), rel=1e-6)
+    m = (2.0 - 1.0) / (100 - 10)
+    assert float(S.flux_shift(40, base_seq_len=10, max_seq_len=100, base_shift=1.0, max_shift=2.0)) == pytest.approx(
+        math.exp(40 * m + 1.0 - 10 * m), rel=1e-6)

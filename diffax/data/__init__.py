@@ -7,6 +7,7 @@
 Sources are chosen by `config.data.name` (see `sources.SOURCES`); the Grain
 pipeline is in `pipeline.py`.
 """
+from diffax.data import latents  # noqa: F401  (registers the latents: source)
 from diffax.data.iterator import DataIterator, data_shape, make_iterator
 from diffax.data.prepare import prepare
 from diffax.data.sources import SOURCES, TOY2D, BadImageError, Source, get_source

@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffax import parallel
 from diffax.data import pipeline, sources
+from diffax.errors import UserError
 
 STATE_FORMAT = 1
 log = logging.getLogger(__name__)
@@ -31,8 +33,13 @@ def check_config(config) -> None:
 
 def data_shape(config) -> tuple[int, ...]:
     """Shape of one example: (image_size, image_size, channels), or (2,) for `toy2d:` points."""
-    if sources.split_name(config.data.name)[0] == "toy2d":
+    kind, arg = sources.split_name(config.data.name)
+    if kind == "toy2d":
         return (2,)
+    if kind == "latents":  # the cache's latent shape (h, w, latent channels)
+        from diffax.data.latents import latent_shape
+
+        return latent_shape(arg)
     check_config(config)
     return (config.data.image_size, config.data.image_size, config.data.channels)
 
@@ -146,10 +153,10 @@ class DataIterator:
             "pipeline": self._batches.get_state(),
         }
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Continues from a `get_state()`; a state from a different data set-up is refused."""
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Refuse a `get_state()` from a different data set-up, naming the field and the value to go back to."""
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"Unknown data iterator state format {state.get('format')!r}.")
+            raise UserError(f"Unknown data iterator state format {state.get('format')!r}.")
         fields = {
             "source": "config.data.name",
             "seed": "config.seed",
@@ -160,10 +167,15 @@ class DataIterator:
         }
         for key, field in fields.items():
             if state.get(key) != self._identity[key]:
-                raise ValueError(
+                raise UserError(
                     f"The saved data iterator state has {key}={state.get(key)!r} but this run has "
-                    f"{self._identity[key]!r} ({field}); resuming would not continue the same stream."
+                    f"{self._identity[key]!r} ({field}); resuming would not continue the same stream. "
+                    f"Set {field} back to {state.get(key)!r} to resume this run, or train in a new --workdir."
                 )
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues from a `get_state()`; a state from a different data set-up is refused."""
+        self.check_state(state)
         self._batches.set_state(state["pipeline"])
         self._batches.num_skipped = int(state["num_skipped"])
         self.num_batches = int(state["num_batches"])
@@ -200,14 +212,11 @@ def make_iterator(
             f"config.training.batch_size={batch_size} must be a positive multiple of the "
             f"{process_count} processes."
         )
-    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) and sharding.spec[0] is not None:
-        axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
-        ways = int(np.prod([sharding.mesh.shape[a] for a in axes]))
-        if batch_size % ways:
-            raise ValueError(
-                f"config.training.batch_size={batch_size} does not split over the {ways} devices of mesh "
-                f"axes {axes} (config.mesh)."
-            )
+    if isinstance(sharding, jax.sharding.NamedSharding) and batch_size % parallel.batch_shards(sharding):
+        raise ValueError(
+            f"config.training.batch_size={batch_size} does not split over the {parallel.batch_shards(sharding)} "
+            f"devices of mesh axes {sharding.spec[0]} (config.mesh)."
+        )
     source = sources.get_source(config)
     _check_source(config, source)
     log.info("Input: %s (%s examples), %d per host per step.", source.name,

@@ -149,6 +149,7 @@ class ExampleTransform:
     dequantize: bool
     skip_bad: bool
     seed: int
+    latent_scaling: tuple[float, float] | None = None
 
     def __call__(self, index: int, record: Any) -> dict[str, np.ndarray] | Skipped:
         try:
@@ -159,6 +160,11 @@ class ExampleTransform:
             raise
         if self.kind == "points":
             return {"image": np.asarray(image, np.float32), "label": np.int32(label)}
+        if self.kind == "latent":  # a draw from the cached posterior (diffax/data/latents.py)
+            from diffax.data.latents import sample_latent
+
+            rng = np.random.default_rng([self.seed, index])
+            return {"image": sample_latent(image, rng, *self.latent_scaling), "label": np.int32(label)}
         what = self.describe(record)
         image = convert_channels(image, self.channels, what)
         image = fit_to_size(image, self.image_size, self.resize, what)
@@ -326,6 +332,7 @@ def build_dataset(config, source: Source, *, process_index: int, process_count: 
                 dequantize=bool(d.dequantize) and source.kind == "image",
                 skip_bad=bool(d.skip_bad),
                 seed=seed,
+                latent_scaling=source.latent_scaling,
             )
         )
         ds = ds.batch(local_batch, drop_remainder=True, batch_fn=stack_examples)[process_index::process_count]

@@ -1,7 +1,6 @@
 """`diffax prepare-data`: build a TFDS dataset in ArrayRecord format for `tfds.data_source`."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import socket
 import urllib.error
@@ -93,8 +92,3 @@ def prepare(config) -> None:
             ) from e
         raise
     log.info("Prepared %s: %s", name, {k: v.num_examples for k, v in builder.info.splits.items()})
-
-
-def tensorflow_available() -> bool:
-    """Whether TensorFlow can be imported (needed by most TFDS builders to prepare, never to read)."""
-    return importlib.util.find_spec("tensorflow") is not None

@@ -16,19 +16,21 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
+from diffax.errors import UserError
 from diffax.registry import Registry
 
 SOURCES: Registry[Callable[[str, Any], "Source"]] = Registry("data source", "config.data.name")
 TOY2D: Registry[Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]] = Registry(
     "toy2d distribution", "config.data.name (toy2d:NAME)"
 )
-FORMS = "tfds:NAME[/CONFIG], folder:PATH, digits, toy2d:NAME, npz:PATH"
+FORMS = "tfds:NAME[/CONFIG], folder:PATH, digits, toy2d:NAME, npz:PATH, latents:DIR"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
@@ -47,7 +49,7 @@ class Source:
     """
 
     name: str
-    kind: str = "image"  # image | points
+    kind: str = "image"  # image | points | latent (a cached posterior, diffax/data/latents.py)
     records: Sequence[Any] | None = None
     decode: Callable[[Any], tuple[np.ndarray, int]] | None = None
     stream: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]] | None = None
@@ -56,6 +58,7 @@ class Source:
     image_shape: tuple[int, ...] | None = None  # (H, W, C) when every image has it (checked early)
     float_images: bool = False  # images are float in [0, 1] rather than uint8
     describe: Callable[[Any], str] = lambda record: f"example {record}"  # names a record in errors
+    latent_scaling: tuple[float, float] | None = None  # kind "latent": (scale, shift) of its autoencoder
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -160,13 +163,19 @@ def npz_source(arg: str, config) -> Source:
     if not path.is_file():
         raise FileNotFoundError(f"config.data.name={config.data.name!r}: no such file {path}.")
     image_key, label_key = config.data.image_key, config.data.label_key
-    with np.load(path) as f:
-        if image_key not in f.files:
-            raise KeyError(
-                f"{path} has no array {image_key!r} (config.data.image_key); it holds: {', '.join(f.files)}."
-            )
-        images = f[image_key]
-        labels = f[label_key] if label_key and label_key in f.files else None
+    try:
+        with np.load(path) as f:
+            names = list(f.files)
+            images = f[image_key] if image_key in names else None
+            labels = f[label_key] if label_key and label_key in names else None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:  # truncated, or not an .npz at all
+        raise UserError(f"config.data.name={config.data.name!r}: {path} cannot be read as a .npz file "
+                        f"({type(e).__name__}: {e}). Write it again (np.savez), or point config.data.name at another file.") from None
+    if images is None:
+        raise UserError(
+            f"{path} has no array {image_key!r} (config.data.image_key); it holds: {', '.join(names) or 'nothing'}. "
+            "Set config.data.image_key to the array that holds the images."
+        )
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or len(images) == 0:
@@ -328,9 +337,9 @@ def tfds_source(arg: str, config) -> Source:
     features = builder.info.features
     image_key, label_key = config.data.image_key, config.data.label_key
     if image_key not in features:
-        raise KeyError(
+        raise UserError(
             f"TFDS dataset {arg!r} has no feature {image_key!r} (config.data.image_key); "
-            f"its features are: {', '.join(features)}."
+            f"its features are: {', '.join(features)}. Set config.data.image_key to one of them."
         )
     encoded = isinstance(features[image_key], tfds.features.Image)
     decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None

@@ -8,15 +8,18 @@ Architecture") with the FID patches
 * FIDInceptionA / FIDInceptionC / FIDInceptionE_1: the pooling branch averages
   with `count_include_pad=False` (TensorFlow ignores the padded zeros),
 * FIDInceptionE_2 (Mixed_7c): the pooling branch is a 3x3 *max* pool,
-* 1008-way classifier (the TF graph's softmax), 2048-d `pool3` features,
-* inputs: uint8 -> [0, 1] -> bilinear resize to 299x299 with
-  `align_corners=False` and no antialiasing (torch's `F.interpolate`) -> [-1, 1].
+* 1008-way classifier (the TF graph's softmax), 2048-d `pool3` features.
+
+Its input is 299x299 RGB scaled to about [-1, 1]; how uint8 images get there
+(resize, scaling) is the FID *protocol*, chosen in `protocols.py` (TF/NVIDIA,
+pytorch-fid or clean-fid); the network is the same for all three.
 
 Sub-module names mirror pytorch-fid's state-dict names (`Mixed_5b.branch1x1.conv`
 ...), so `convert.py` maps weights one to one. Every conv / dense runs at
 `Precision.HIGHEST` so GPUs do not silently use TF32.
 
-Weights are never downloaded: see `missing_weights_message`.
+Weights: `convert.py` reads NVIDIA's TorchScript `inception-2015-12-05.pt` or
+pytorch-fid's `.pth` without PyTorch; `weights.py` finds, and on request fetches, them.
 """
 from __future__ import annotations
 
@@ -29,12 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth"
-)
+from diffax.evaluation import protocols
+
+# The reference packages' weight files: the same TF graph, converted by NVIDIA (TorchScript, what
+# StyleGAN2-ADA, StyleGAN3, EDM and clean-fid load) and by pytorch-fid (a state dict).
+NVIDIA_WEIGHTS_NAME = "inception-2015-12-05.pt"
+NVIDIA_WEIGHTS_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+NVIDIA_WEIGHTS_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"  # 95,607,719 bytes
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
 ENV_VAR = "DIFFAX_INCEPTION_WEIGHTS"
+EXTRACTOR = "inception-2015-12-05/pool3"  # recorded in statistics files beside the protocol
 INPUT_SIZE = 299
 NUM_FEATURES = 2048
 NUM_CLASSES = 1008
@@ -66,64 +74,6 @@ def avg_pool_exclude_pad(x: jax.Array, window: int = 3, padding: int = 1) -> jax
     ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
     count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, dims, strides, pad)
     return total / count
-
-
-# --------------------------------------------------------------------------- resize
-@functools.lru_cache(maxsize=32)
-def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] interpolation matrix of torch's bilinear rule with align_corners=False.
-
-    Source coordinate src = (dst + 0.5) * in / out - 0.5, clamped below at 0; the
-    lower neighbour is floor(src), the upper min(floor(src) + 1, in - 1); no
-    antialiasing when downsampling (aten/src/ATen/native/UpSample.h). torch computes
-    src in float32 with a fused multiply-add (one rounding); at src ~ 300 a float32
-    ulp is 3e-5, so the rounding shows: we round the exact value once, as FMA does.
-    """
-    scale = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(out_size, dtype=np.float64)
-    src = (np.float64(scale) * (dst + 0.5) - 0.5).astype(np.float32)  # exact in float64, one rounding
-    src = np.maximum(src, np.float32(0.0))
-    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    hi = np.minimum(lo + 1, in_size - 1)
-    w_hi = (src - lo).astype(np.float32)
-    w_lo = np.float32(1.0) - w_hi
-    mat = np.zeros((out_size, in_size), np.float32)
-    np.add.at(mat, (np.arange(out_size), lo), w_lo)
-    np.add.at(mat, (np.arange(out_size), hi), w_hi)
-    return mat
-
-
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Resize NHWC images like torch `F.interpolate(mode='bilinear', align_corners=False)`.
-
-    Separable: rows then columns, each a matmul with a fixed [out, in] matrix, at
-    HIGHEST precision. Unlike `jax.image.resize(..., antialias=True)` (its default)
-    this does not widen the kernel when downsampling, which is what pytorch-fid does.
-    """
-    h, w = x.shape[1], x.shape[2]
-    if (h, w) == tuple(size):
-        return x
-    mh = jnp.asarray(_bilinear_matrix(h, size[0]))
-    mw = jnp.asarray(_bilinear_matrix(w, size[1]))
-    x = jnp.einsum("oh,nhwc->nowc", mh, x, precision=_HIGHEST)
-    return jnp.einsum("pw,nowc->nopc", mw, x, precision=_HIGHEST)
-
-
-def preprocess(images: jax.Array) -> jax.Array:
-    """uint8 NHWC images (1 or 3 channels, any size) -> float32 [-1, 1] at 299x299x3.
-
-    Follows pytorch-fid's path exactly: x / 255 (ToTensor), bilinear resize to
-    299x299 on [0, 1], then 2x - 1. Grayscale images are repeated to RGB as
-    PIL's `convert('RGB')` does.
-    """
-    x = jnp.asarray(images)
-    if x.shape[-1] == 1:
-        x = jnp.repeat(x, 3, axis=-1)
-    if x.shape[-1] != 3:
-        raise ValueError(f"Inception needs 1 or 3 channels, got images of shape {x.shape}")
-    x = x.astype(jnp.float32) / 255.0
-    x = resize_bilinear(x, (INPUT_SIZE, INPUT_SIZE))
-    return 2.0 * x - 1.0
 
 
 # --------------------------------------------------------------------------- blocks
@@ -331,14 +281,36 @@ def weights_available(path: str = "") -> bool:
 
 
 def missing_weights_message(path: str) -> str:
-    """The error text for a missing weights file: which file, where the original comes from, how to convert."""
+    """The error text for a missing weights file: which file to get, where from, and the command that converts it."""
     return (
         f"FID Inception weights not found at {path!r} (from config.eval.inception_weights, "
-        f"${ENV_VAR}, or the default {default_weights_path()!r}). diffax never downloads them. "
-        f"Get pytorch-fid's weights {FID_WEIGHTS_NAME} from {FID_WEIGHTS_URL} and convert them once "
-        f"(needs PyTorch for this step only): `diffax convert-inception {FID_WEIGHTS_NAME} {path}`; "
-        f"then point config.eval.inception_weights or ${ENV_VAR} at the converted file."
+        f"${ENV_VAR}, or the default {default_weights_path()!r}). Get NVIDIA's {NVIDIA_WEIGHTS_NAME} "
+        f"({NVIDIA_WEIGHTS_URL}, sha256 {NVIDIA_WEIGHTS_SHA256}) or pytorch-fid's {FID_WEIGHTS_NAME} "
+        f"({FID_WEIGHTS_URL}); they hold the same network. Convert it once (no PyTorch needed): "
+        f"`diffax convert-inception {NVIDIA_WEIGHTS_NAME} {path}`. On a machine with network access, "
+        f"--config.eval.download_weights=True makes `diffax eval` fetch, check and convert it into {path}."
     )
+
+
+def ensure_weights(path: str = "", *, download: bool = False, url: str = NVIDIA_WEIGHTS_URL,
+                   sha256: str = NVIDIA_WEIGHTS_SHA256) -> str:
+    """The resolved weights file (see `resolve_weights_path`), fetched and converted first if asked.
+
+    If the file is missing and `download` is set (config.eval.download_weights),
+    the reference file at `url` is downloaded next to it, checked against
+    `sha256` and converted with `convert.convert_inception`; otherwise a missing
+    file raises FileNotFoundError with `missing_weights_message`.
+    """
+    from diffax.evaluation import convert, download as dl
+
+    path = resolve_weights_path(path)
+    if os.path.isfile(path):
+        return path
+    if not download:
+        raise FileNotFoundError(missing_weights_message(path))
+    src = dl.fetch(url, os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(url)), sha256=sha256)
+    convert.convert_inception(src, path)
+    return path
 
 
 def assign_weights(model: nnx.Module, weights: dict[str, np.ndarray]) -> None:
@@ -378,34 +350,55 @@ def load_inception(path: str = "") -> InceptionV3:
     return model
 
 
-def count_params(model: nnx.Module) -> tuple[int, int]:
-    """(trainable parameters, batch-norm statistics) element counts.
-
-    With pytorch-fid's model these are `sum(p.numel() for p in parameters())` and
-    the running mean/var buffers (num_batches_tracked excluded).
-    """
-    params = sum(int(np.prod(v.shape)) for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param))
-    stats = sum(int(np.prod(v.shape)) for _, v in nnx.iter_graph(model) if isinstance(v, nnx.BatchStat))
-    return params, stats
+@functools.partial(jax.jit, static_argnums=(0,))
+def _pool3_and_logits(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Module level, keyed on the graph: every InceptionV3 shares one compiled network.
+    m = nnx.merge(graphdef, state)
+    pool3 = m.blocks(x)[-1]
+    return pool3, m.unbiased_logits(pool3)
 
 
-def make_feature_fn(model: InceptionV3) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+_preprocess = jax.jit(protocols.preprocess, static_argnames=("protocol", "size"))
+
+
+def make_feature_fn(
+    model: InceptionV3, protocol: str = protocols.DEFAULT, *, devices: Sequence[jax.Device] | None = None
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     """A host function uint8 NHWC images -> {'features': pool3 [N, 2048], 'logits': [N, 1008] (unbiased)}.
 
-    `preprocess` is jitted per input size, the network once (its input is always 299x299).
-    Callers batch with a fixed size (see `statistics.accumulate`) to avoid recompiles.
+    `protocol` ('tf', 'pytorch_fid' or 'clean', see `protocols.py`) chooses the
+    resize and scaling. With several `devices`, each batch is split over them on
+    its leading axis (the weights replicated) when they divide it. The
+    preprocessing compiles per input size, the network once (its input is always
+    299x299). Callers batch with a fixed size (`statistics.accumulate`) to avoid recompiles.
     """
+    protocols.check_protocol(protocol, "protocol")
     graphdef, state = nnx.split(model)
-    prep = jax.jit(preprocess)  # compiled per input size (cheap)
 
-    @jax.jit  # compiled once: its input is always 299x299x3
     def net(state, x):
-        m = nnx.merge(graphdef, state)
-        pool3 = m.blocks(x)[-1]
-        return pool3, m.unbiased_logits(pool3)
+        return _pool3_and_logits(graphdef, state, _preprocess(x, protocol=protocol, size=INPUT_SIZE))
+
+    call = data_parallel(net, state, devices)
 
     def features(images: np.ndarray) -> dict[str, np.ndarray]:
-        pool3, logits = net(state, prep(jnp.asarray(images)))
+        pool3, logits = call(images)
         return {"features": np.asarray(pool3), "logits": np.asarray(logits)}
 
     return features
+
+
+def data_parallel(fn: Callable, state: nnx.State, devices: Sequence[jax.Device] | None) -> Callable:
+    """`images -> fn(state, images)` with the batch split over `devices` (state replicated) when they divide it.
+
+    A batch they do not divide runs whole (on every device: correct, not faster), so
+    choose config.eval.batch_size as a multiple of the device count. With one device
+    (or None) the arrays stay where JAX puts them. Shared by the
+    Inception and DINOv2 extractors; `fn` is jitted, so it follows the shardings.
+    """
+    if devices is None or len(devices) < 2:
+        return lambda images: fn(state, jnp.asarray(images))
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(devices), ("data",))
+    batch, state = NamedSharding(mesh, PartitionSpec("data")), jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    return lambda images: fn(state, jnp.asarray(images) if len(images) % len(devices) else jax.device_put(images, batch))

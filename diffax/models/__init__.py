@@ -1,14 +1,20 @@
 """Denoiser networks: UNet (DDPM / ADM), DiT, MLP; and the import of diffusers UNet2DModel checkpoints.
 
-Every model is called as model(x, c_noise, labels=None, *, dropout_key=None) -> out, with
+Networks take explicit keyword arguments (usable without a config); `build_model` reads
+config.model once (`model_kwargs`). Every model is called as
+model(x, c_noise, labels=None, *, dropout_key=None) -> out, with
 out.shape == x.shape (2C channels when config.model.learn_sigma). c_noise is a float per
 example (see diffax/parameterization.py); labels are int32 with the null label num_classes.
 """
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+import inspect
+import math
+from typing import Any, Callable, TypeVar
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from diffax.registry import Registry
@@ -25,6 +31,20 @@ MODELS.register("dit")(DiT)
 MODELS.register("mlp")(MLP)
 
 
+def model_kwargs(model_cfg) -> dict:
+    """The keyword arguments of the network config.model.name names, read from config.model.
+
+    Every keyword parameter of the network's constructor (other than data_shape,
+    num_classes and rngs) is taken from the config field of the same name; a
+    config written before a field existed gets the network's default. The one
+    place a network reads the config.
+    """
+    cls = MODELS.get(model_cfg.name)
+    names = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+             if p.kind == p.KEYWORD_ONLY and p.name not in ("data_shape", "num_classes", "rngs")]
+    return {name: model_cfg[name] for name in names if name in model_cfg}
+
+
 def build_model(model_cfg, *, data_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
     """The network named by config.model.name, built for data of shape data_shape ((H, W, C) or (D,)).
 
@@ -34,9 +54,8 @@ def build_model(model_cfg, *, data_shape: tuple[int, ...], num_classes: int, rng
     `construct`), identical to eager construction with the same rngs.
     """
     cls = MODELS.get(model_cfg.name)
-    return construct(
-        lambda r: cls(model_cfg, data_shape=tuple(data_shape), num_classes=int(num_classes), rngs=r), rngs
-    )
+    kwargs = model_kwargs(model_cfg)
+    return construct(lambda r: cls(data_shape=tuple(data_shape), num_classes=int(num_classes), rngs=r, **kwargs), rngs)
 
 
 def construct(make: Callable[[nnx.Rngs], M], rngs: nnx.Rngs) -> M:
@@ -67,19 +86,21 @@ def _tracing(tree) -> bool:
     """True inside a jit / eval_shape trace (a nested jit may not take compiler options)."""
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree)):
         return True
-    try:
-        from jax._src import core
-    except ImportError:  # pragma: no cover - private module moved; assume not tracing
-        return False
-    return not core.trace_state_clean()
+    return isinstance(jnp.zeros(()), jax.core.Tracer)  # inside a trace, every new array is a tracer
 
 
-def count_params(model_cfg, *, data_shape: tuple[int, ...], num_classes: int) -> int:
-    """Number of parameters of build_model(...), from shapes only (nnx.eval_shape: nothing is allocated)."""
-    abstract = nnx.eval_shape(
-        lambda: build_model(model_cfg, data_shape=data_shape, num_classes=num_classes, rngs=nnx.Rngs(0))
-    )
-    return sum(int(v.size) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+def count_params(tree: Any, kind: type = nnx.Param) -> int:
+    """Number of scalars: of the `kind` variables (default parameters) of an nnx module, or of every leaf
+    of a pytree of arrays (e.g. TrainState.params). Works on abstract shapes, so for a config
+
+        count_params(nnx.eval_shape(lambda: build_model(config.model, data_shape=..., num_classes=...,
+                                                        rngs=nnx.Rngs(0))))
+
+    allocates nothing.
+    """
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, kind)
+    return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
 
 
-__all__ = ["MODELS", "build_model", "construct", "count_params", "UNet", "DiT", "MLP"]
+__all__ = ["MODELS", "build_model", "construct", "count_params", "model_kwargs", "UNet", "DiT", "MLP"]

@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from diffax.models import construct
+from diffax.errors import UserError
+from diffax.models import build_model
 from diffax.models.unet import UNet
 
 CONFIG_NAME = "config.json"
@@ -63,7 +64,6 @@ UNET2D_DEFAULTS: dict[str, Any] = dict(
 
 DOWN_BLOCKS = {"DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"}
 UP_BLOCKS = {"UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"}
-SCHEDULERS = {"DDPMScheduler", "DDIMScheduler"}
 
 
 class UnsupportedDiffusersConfig(ValueError):
@@ -186,7 +186,6 @@ def unet_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str
         flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
         freq_shift=float(c["freq_shift"]),
         fourier_scale=16.0,
-        conv_impl="xla",
         dtype="float32",
         param_dtype="float32",
         remat=False,
@@ -195,33 +194,58 @@ def unet_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     return model, data
 
 
-def scheduler_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A DDPMScheduler / DDIMScheduler scheduler_config.json -> (config.diffusion fields, config.sampling fields).
+_BETAS = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+              prediction_type="epsilon", rescale_betas_zero_snr=False, timestep_spacing="leading", steps_offset=0)
+_CLIP = dict(clip_sample=True, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
+             sample_max_value=1.0)
+_SIGMAS = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
+# The constructors' defaults (diffusers 0.42): what a scheduler_config.json without the key means.
+SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDPMScheduler": dict(_BETAS, **_CLIP, variance_type="fixed_small"),
+    "DDIMScheduler": dict(_BETAS, **_CLIP, set_alpha_to_one=True),
+    "EulerDiscreteScheduler": dict(_BETAS, **_SIGMAS, timestep_spacing="linspace", interpolation_type="linear",
+                                   sigma_min=None, sigma_max=None, timestep_type="discrete", final_sigmas_type="zero"),
+    "HeunDiscreteScheduler": dict(_BETAS, **_SIGMAS, beta_start=0.00085, beta_end=0.012, timestep_spacing="linspace",
+                                  clip_sample=False, clip_sample_range=1.0),
+    "DPMSolverMultistepScheduler": dict(
+        _BETAS, **_SIGMAS, **{k: v for k, v in _CLIP.items() if not k.startswith("clip")}, timestep_spacing="linspace",
+        solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+        euler_at_final=False, use_lu_lambdas=False, use_flow_sigmas=False, flow_shift=1.0, final_sigmas_type="zero",
+        lambda_min_clipped=-float("inf"), variance_type=None, use_dynamic_shifting=False,
+        time_shift_type="exponential"),
+    "EDMEulerScheduler": dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras",
+                              num_train_timesteps=1000, prediction_type="epsilon", rho=7.0, final_sigmas_type="zero"),
+    "FlowMatchEulerDiscreteScheduler": dict(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096, invert_sigmas=False, shift_terminal=None, **_SIGMAS,
+        time_shift_type="exponential", stochastic_sampling=False),
+    "FlowMatchHeunDiscreteScheduler": dict(num_train_timesteps=1000, shift=1.0),
+}
+# Options diffax reproduces only at these values (anything else is an error naming the option).
+_ONLY = dict(trained_betas=None, clip_sample_range=1.0, sample_max_value=1.0, interpolation_type="linear",
+             use_exponential_sigmas=False, use_beta_sigmas=False, sigma_min=None, sigma_max=None,
+             timestep_type="discrete", final_sigmas_type="zero", solver_type="midpoint", lower_order_final=True,
+             euler_at_final=False, use_lu_lambdas=False, use_flow_sigmas=False, lambda_min_clipped=-float("inf"),
+             variance_type=None, use_dynamic_shifting=False, sigma_schedule="karras", invert_sigmas=False,
+             shift_terminal=None, time_shift_type="exponential", stochastic_sampling=False, use_karras_sigmas=False)
+_ONLY_EXCEPT = {  # per class, options from _ONLY that it does support
+    "EulerDiscreteScheduler": {"use_karras_sigmas"}, "HeunDiscreteScheduler": {"use_karras_sigmas"},
+    "DPMSolverMultistepScheduler": {"use_karras_sigmas", "final_sigmas_type"},
+    "EDMEulerScheduler": {"sigma_min", "sigma_max"}, "FlowMatchEulerDiscreteScheduler": {"use_dynamic_shifting"},
+    "DDPMScheduler": {"variance_type"},
+}
+SCHEDULERS = set(SCHEDULER_DEFAULTS)
+_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
-    Betas: diffusers 'linear' (Ho et al. 2020) maps to diffax 'linear' for 1e-4..0.02 and to the
-    discrete 'vp' schedule (betas linspace(beta_min / T, beta_max / T)) otherwise;
-    'squaredcos_cap_v2' to 'cosine' (Nichol & Dhariwal 2021); 'scaled_linear' with Stable
-    Diffusion's 0.00085..0.012 to 'scaled_linear'. Anything else raises.
-    """
-    cls = cfg.get("_class_name", "DDPMScheduler")
-    if cls not in SCHEDULERS:
-        raise UnsupportedDiffusersConfig(
-            f"diffusers scheduler {cls!r} is not supported (supported: {', '.join(sorted(SCHEDULERS))})"
-        )
-    known = {
-        "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "variance_type",
-        "clip_sample", "clip_sample_range", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
-        "sample_max_value", "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "set_alpha_to_one",
-    }  # fmt: skip
-    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in known)
-    if unknown:
-        raise UnsupportedDiffusersConfig(f"unknown {cls} config keys: {', '.join(unknown)}")
-    T = int(cfg.get("num_train_timesteps", 1000))
-    start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
-    sched = cfg.get("beta_schedule", "linear")
-    if cfg.get("trained_betas") is not None:
-        raise UnsupportedDiffusersConfig(f"{cls} option trained_betas is not supported")
-    diffusion: dict[str, Any] = dict(num_steps=T)
+
+def _betas_to_diffax(cls: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The discrete VP schedule of a DDPM-family scheduler: diffusers 'linear' (Ho et al. 2020) maps to diffax
+    'linear' for 1e-4..0.02 and to the discrete 'vp' schedule (betas linspace(beta_min / T, beta_max / T))
+    otherwise; 'squaredcos_cap_v2' to 'cosine' (Nichol & Dhariwal 2021); 'scaled_linear' with Stable
+    Diffusion's 0.00085..0.012 to 'scaled_linear'. Anything else raises."""
+    T = int(cfg["num_train_timesteps"])
+    start, end, sched = float(cfg["beta_start"]), float(cfg["beta_end"]), cfg["beta_schedule"]
+    diffusion: dict[str, Any] = dict(num_steps=T, zero_terminal_snr=bool(cfg["rescale_betas_zero_snr"]))
     if sched == "linear" and np.isclose(start, 1e-4) and np.isclose(end, 0.02):
         diffusion["schedule"] = "linear"
     elif sched == "linear":
@@ -234,37 +258,96 @@ def scheduler_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], dic
         raise UnsupportedDiffusersConfig(
             f"{cls} beta_schedule={sched!r} (beta_start={start}, beta_end={end}) is not supported"
         )
-    pred = cfg.get("prediction_type", "epsilon")
-    predictions = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-    if pred not in predictions:
-        raise UnsupportedDiffusersConfig(f"{cls} prediction_type={pred!r} is not supported")
-    diffusion["prediction"] = predictions[pred]
-    diffusion["zero_terminal_snr"] = bool(cfg.get("rescale_betas_zero_snr", False))
-    if cfg.get("clip_sample", True) and float(cfg.get("clip_sample_range", 1.0)) != 1.0:
-        raise UnsupportedDiffusersConfig(f"{cls} clip_sample_range={cfg['clip_sample_range']} (only 1.0)")
-    diffusion["clip_x0"] = bool(cfg.get("clip_sample", True))
+    if cfg["prediction_type"] not in _PREDICTIONS:
+        raise UnsupportedDiffusersConfig(f"{cls} prediction_type={cfg['prediction_type']!r} is not supported")
+    diffusion["prediction"] = _PREDICTIONS[cfg["prediction_type"]]
+    diffusion["clip_x0"] = bool(cfg.get("clip_sample", False))
     if cfg.get("thresholding", False):
-        if float(cfg.get("sample_max_value", 1.0)) != 1.0:
-            raise UnsupportedDiffusersConfig(f"{cls} sample_max_value={cfg['sample_max_value']} (only 1.0)")
-        diffusion["dynamic_threshold"] = float(cfg.get("dynamic_thresholding_ratio", 0.995))
+        diffusion["dynamic_threshold"] = float(cfg["dynamic_thresholding_ratio"])
+    return diffusion
 
-    sampling: dict[str, Any] = dict(sampler="ddim" if cls == "DDIMScheduler" else "ddpm")
-    variance = cfg.get("variance_type", "fixed_small")
-    variances = {"fixed_small": "small", "fixed_small_log": "small", "fixed_large": "large",
-                 "fixed_large_log": "large", "learned_range": "learned"}  # fmt: skip
+
+def scheduler_config_to_diffax(
+    cfg: dict[str, Any], *, image_seq_len: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A diffusers scheduler_config.json -> (config.diffusion fields, config.sampling fields).
+
+    Keys the file lacks take the class's constructor defaults (`SCHEDULER_DEFAULTS`: e.g. DDIM's
+    timestep_spacing is 'leading', Euler's and DPM-Solver's 'linspace'), and the sampler is set to
+    diffusers' grid (config.sampling.grid = diffusers / diffusers_karras), so diffax draws what the
+    diffusers pipeline draws from the same weights and noise:
+    DDPMScheduler -> ddpm; DDIMScheduler -> ddim; EulerDiscreteScheduler / HeunDiscreteScheduler ->
+    euler / heun; DPMSolverMultistepScheduler -> dpm_solver (dpmsolver++ or sde-dpmsolver++, orders 1-3);
+    EDMEulerScheduler -> euler on the edm schedule with EDM preconditioning; FlowMatchEulerDiscreteScheduler
+    / FlowMatchHeunDiscreteScheduler -> flow_euler / flow_heun on rectified_flow with the flow target
+    (use_dynamic_shifting needs `image_seq_len`, the number of image tokens, for Flux's shift).
+    Options diffax does not reproduce raise UnsupportedDiffusersConfig naming them.
+    """
+    from diffax.schedules import flux_shift
+
+    cls = cfg.get("_class_name", "DDPMScheduler")
+    if cls not in SCHEDULER_DEFAULTS:
+        raise UnsupportedDiffusersConfig(
+            f"diffusers scheduler {cls!r} is not supported (supported: {', '.join(sorted(SCHEDULERS))})"
+        )
+    defaults = SCHEDULER_DEFAULTS[cls]
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in defaults)
+    if unknown:
+        raise UnsupportedDiffusersConfig(f"unknown {cls} config keys: {', '.join(unknown)}")
+    c = {**defaults, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
+    for key, only in _ONLY.items():
+        if key in c and key not in _ONLY_EXCEPT.get(cls, ()) and c[key] != only:
+            raise UnsupportedDiffusersConfig(f"{cls} option {key}={c[key]!r} is not supported (only {only!r})")
+    grid = "diffusers_karras" if c.get("use_karras_sigmas") else "diffusers"
+    spacing = dict(spacing=c.get("timestep_spacing", "leading"), steps_offset=int(c.get("steps_offset", 0)))
+    if spacing["spacing"] not in ("leading", "trailing", "linspace"):
+        raise UnsupportedDiffusersConfig(f"{cls} timestep_spacing={spacing['spacing']!r}")
     if cls == "DDPMScheduler":
-        if variance not in variances:
-            raise UnsupportedDiffusersConfig(f"{cls} variance_type={variance!r} is not supported")
-        sampling["variance"] = variances[variance]
-    if "timestep_spacing" in cfg:
-        if cfg["timestep_spacing"] not in ("leading", "trailing", "linspace"):
-            raise UnsupportedDiffusersConfig(f"{cls} timestep_spacing={cfg['timestep_spacing']!r}")
-        sampling["spacing"] = cfg["timestep_spacing"]
-    if "steps_offset" in cfg:
-        sampling["steps_offset"] = int(cfg["steps_offset"])
-    if "set_alpha_to_one" in cfg:
-        sampling["final_alpha_one"] = bool(cfg["set_alpha_to_one"])
-    return diffusion, sampling
+        variances = {"fixed_small": "small", "fixed_small_log": "small", "fixed_large": "large",
+                     "fixed_large_log": "large", "learned_range": "learned"}  # fmt: skip
+        if c["variance_type"] not in variances:
+            raise UnsupportedDiffusersConfig(f"{cls} variance_type={c['variance_type']!r} is not supported")
+        return _betas_to_diffax(cls, c), dict(sampler="ddpm", variance=variances[c["variance_type"]],
+                                              final_alpha_one=True, **spacing)
+    if cls == "DDIMScheduler":
+        return _betas_to_diffax(cls, c), dict(sampler="ddim", grid="diffusers",
+                                              final_alpha_one=bool(c["set_alpha_to_one"]), **spacing)
+    if cls in ("EulerDiscreteScheduler", "HeunDiscreteScheduler"):
+        sampler = "euler" if cls.startswith("Euler") else "heun"
+        return _betas_to_diffax(cls, c), dict(sampler=sampler, grid=grid, churn=0.0, **spacing)
+    if cls == "DPMSolverMultistepScheduler":
+        if c["algorithm_type"] not in ("dpmsolver++", "sde-dpmsolver++"):
+            raise UnsupportedDiffusersConfig(f"{cls} algorithm_type={c['algorithm_type']!r} (only dpmsolver++ and "
+                                             "sde-dpmsolver++, Lu et al. 2022)")
+        if int(c["solver_order"]) not in (1, 2, 3):
+            raise UnsupportedDiffusersConfig(f"{cls} solver_order={c['solver_order']} (1, 2 or 3)")
+        if c["final_sigmas_type"] not in ("zero", "sigma_min"):
+            raise UnsupportedDiffusersConfig(f"{cls} final_sigmas_type={c['final_sigmas_type']!r}")
+        sde = c["algorithm_type"].startswith("sde")
+        return _betas_to_diffax(cls, c), dict(
+            sampler="dpm_solver", grid=grid, order=int(c["solver_order"]), solver_type="sde" if sde else "ode",
+            final_alpha_one=c["final_sigmas_type"] == "zero", **spacing)
+    if cls == "EDMEulerScheduler":
+        if c["prediction_type"] != "epsilon":
+            raise UnsupportedDiffusersConfig(f"{cls} prediction_type={c['prediction_type']!r} (only epsilon: EDM's F)")
+        diffusion = dict(schedule="edm", num_steps=0, prediction="edm", sigma_min=float(c["sigma_min"]),
+                         sigma_max=float(c["sigma_max"]), sigma_data=float(c["sigma_data"]), clip_x0=False)
+        return diffusion, dict(sampler="euler", grid="paper", rho=float(c["rho"]), sigma_min=float(c["sigma_min"]),
+                               churn=0.0)
+    # FlowMatchEulerDiscreteScheduler / FlowMatchHeunDiscreteScheduler
+    if int(c["num_train_timesteps"]) != 1000:
+        raise UnsupportedDiffusersConfig(f"{cls} num_train_timesteps={c['num_train_timesteps']} (only 1000)")
+    shift, grid = float(c["shift"]), "diffusers"
+    if c.get("use_dynamic_shifting"):
+        grid = "diffusers_dynamic"
+        if image_seq_len is None:
+            raise UnsupportedDiffusersConfig(
+                f"{cls} use_dynamic_shifting needs the number of image tokens; set config.sampling.shift = exp(mu)")
+        shift = float(flux_shift(image_seq_len, base_seq_len=int(c["base_image_seq_len"]),
+                                 max_seq_len=int(c["max_image_seq_len"]), base_shift=float(c["base_shift"]),
+                                 max_shift=float(c["max_shift"])))
+    diffusion = dict(schedule="rectified_flow", num_steps=0, prediction="flow", clip_x0=False)
+    return diffusion, dict(sampler="flow_euler" if "Euler" in cls else "flow_heun", grid=grid, shift=shift)
 
 
 # --------------------------------------------------------------------------- weight mapping
@@ -320,7 +403,7 @@ class _Tensors:
             if name in self.tensors:
                 self.used.add(name)
                 return np.asarray(self.tensors[name], np.float32)
-        raise UnsupportedDiffusersConfig(f"checkpoint lacks tensor {names[0]!r} needed by the diffax UNet")
+        raise UnsupportedDiffusersConfig(f"checkpoint lacks tensor {names[0]!r} needed by the diffax model")
 
     def unused(self) -> list[str]:
         return sorted(set(self.tensors) - self.used)
@@ -336,8 +419,8 @@ def _linear(w: np.ndarray) -> np.ndarray:
     return w.T  # [out, in] -> [in, out]
 
 
-def _value_for(path: tuple, tensors: _Tensors) -> np.ndarray:
-    prefix, kind = _source(path)
+def _value_for(path: tuple, tensors: _Tensors, source=_source) -> np.ndarray:
+    prefix, kind = source(path)
     leaf = path[-1]
     if kind == "conv":
         return _conv(tensors.take(f"{prefix}.weight")) if leaf == "kernel" else tensors.take(f"{prefix}.bias")
@@ -362,21 +445,30 @@ def load_unet_weights(model: UNet, tensors: dict[str, np.ndarray]) -> None:
     Every diffax parameter must be found with the right shape and every checkpoint tensor
     must be used; otherwise UnsupportedDiffusersConfig names the offenders.
     """
+    load_weights(model, tensors, source=_source, what="UNet")
+
+
+def load_weights(model: nnx.Module, tensors: dict[str, np.ndarray], *, source, what: str) -> None:
+    """Copy a diffusers state dict into `model` in place; source(path) -> (diffusers prefix, leaf kind).
+
+    Every parameter must be found with the right shape and every tensor must be used;
+    otherwise UnsupportedDiffusersConfig names the offenders.
+    """
     store = _Tensors(tensors)
     for path, var in nnx.iter_graph(model):
         if not isinstance(var, nnx.Param):
             continue
-        value = _value_for(tuple(path), store)
+        value = _value_for(tuple(path), store, source)
         if value.shape != var.shape:
             raise UnsupportedDiffusersConfig(
-                f"shape mismatch for {'/'.join(map(str, path))} (from {_source(tuple(path))[0]}): "
+                f"shape mismatch for {'/'.join(map(str, path))} (from {source(tuple(path))[0]}): "
                 f"checkpoint {value.shape}, diffax {var.shape}"
             )
         var.value = jnp.asarray(value, var.dtype)
     unused = store.unused()
     if unused:
         raise UnsupportedDiffusersConfig(
-            f"{len(unused)} checkpoint tensors have no place in the diffax UNet: {', '.join(unused[:20])}"
+            f"{len(unused)} checkpoint tensors have no place in the diffax {what}: {', '.join(unused[:20])}"
         )
 
 
@@ -414,15 +506,28 @@ def load_diffusers_unet(src_dir: str) -> tuple[ml_collections.ConfigDict, UNet]:
     from safetensors.numpy import load_file
 
     unet_dir, scheduler_path = _locate(src_dir)
-    with open(os.path.join(unet_dir, CONFIG_NAME), encoding="utf-8") as f:
-        model_fields, data_fields = unet_config_to_diffax(json.load(f))
+    model_fields, data_fields = unet_config_to_diffax(_read_json(os.path.join(unet_dir, CONFIG_NAME)))
     overrides = ml_collections.ConfigDict({"model": model_fields, "data": data_fields})
     if scheduler_path is not None:
-        with open(scheduler_path, encoding="utf-8") as f:
-            diffusion, sampling = scheduler_config_to_diffax(json.load(f))
+        diffusion, sampling = scheduler_config_to_diffax(_read_json(scheduler_path))
         overrides.diffusion = diffusion
         overrides.sampling = sampling
     shape = (data_fields["image_size"], data_fields["image_size"], data_fields["channels"])
-    model = construct(lambda r: UNet(overrides.model, data_shape=shape, num_classes=0, rngs=r), nnx.Rngs(0))
-    load_unet_weights(model, load_file(os.path.join(unet_dir, WEIGHTS_NAME)))
+    model = build_model(overrides.model, data_shape=shape, num_classes=0, rngs=nnx.Rngs(0))
+    weights = os.path.join(unet_dir, WEIGHTS_NAME)
+    try:
+        tensors = load_file(weights)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated or invalid files
+        raise UserError(f"{weights} cannot be read as safetensors ({type(e).__name__}: {e}); it may be truncated. "
+                        "Download or copy it again.") from None
+    load_unet_weights(model, tensors)
     return overrides, model
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    """A diffusers JSON file; a malformed one is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); it may be truncated. Download or copy it again.") from None

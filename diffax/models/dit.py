@@ -114,23 +114,46 @@ class DiT(nnx.Module):
     label), adaLN-Zero blocks, zero-initialised final layer.
     """
 
-    def __init__(self, cfg, *, data_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        data_shape: tuple[int, ...],  # (H, W, C) of the images (or latents)
+        num_classes: int = 0,  # 0: unconditional; else a class table of num_classes + 1 rows (the last: null label)
+        preset: str = "",  # e.g. "S/2", "XL/2" (Table 1): sets depth, hidden_size, heads and patch_size
+        depth: int = 12,  # DiT blocks (without a preset)
+        hidden_size: int = 384,  # token width (without a preset)
+        num_heads: int = 6,  # attention heads (without a preset; when head_channels <= 0)
+        head_channels: int = -1,  # channels per head instead of num_heads when > 0
+        patch_size: int = 2,  # side of the square patches (without a preset)
+        mlp_ratio: float = 4.0,  # MLP width / hidden_size
+        dropout: float = 0.0,  # dropout rate after attention and MLP
+        learn_sigma: bool = False,  # also output the variance interpolation (2C channels)
+        embedding: str = "sinusoidal",  # noise-level embedding: sinusoidal | fourier
+        flip_sin_to_cos: bool = False,  # sinusoidal order: False [sin, cos], True [cos, sin] (DiT's own)
+        freq_shift: float = 1.0,  # frequencies 10000^(-i / (dim/2 - freq_shift)): 0 in DiT's own code
+        fourier_scale: float = 16.0,  # std of the Gaussian Fourier features (embedding = fourier)
+        dtype: str = "float32",  # activations (bfloat16 on accelerators)
+        param_dtype: str = "float32",  # parameters
+        remat: bool = False,  # recompute every block in the backward pass to save memory
+        rngs: nnx.Rngs,
+    ):
         if len(data_shape) != 3:
             raise ValueError(f"dit needs image data (H, W, C), got data_shape={data_shape}")
-        if cfg.preset:
-            depth, hidden, heads, patch = parse_preset(cfg.preset)
+        if preset:
+            depth, hidden, heads, patch = parse_preset(preset)
         else:
-            depth, hidden, patch = int(cfg.depth), int(cfg.hidden_size), int(cfg.patch_size)
-            heads = heads_for(hidden, cfg.num_heads, cfg.head_channels)
+            depth, hidden, patch = int(depth), int(hidden_size), int(patch_size)
+            heads = heads_for(hidden, num_heads, head_channels)
         height, width, in_ch = data_shape
         if height % patch or width % patch:
             raise ValueError(f"patch size {patch} does not divide the {height}x{width} input")
-        dtype = layers.dtype_of(cfg.dtype)
-        kw = dict(dtype=dtype, param_dtype=layers.dtype_of(cfg.param_dtype), rngs=rngs)
-        out_ch = in_ch * (2 if cfg.learn_sigma else 1)
+        dtype = layers.dtype_of(dtype)
+        kw = dict(dtype=dtype, param_dtype=layers.dtype_of(param_dtype), rngs=rngs)
+        out_ch = in_ch * (2 if learn_sigma else 1)
 
         self.patch_embed = layers.linear(patch * patch * in_ch, hidden, **kw)
-        self.embed = NoiseEmbedding.from_config(cfg, FREQUENCY_DIM)
+        self.embed = NoiseEmbedding(embedding, FREQUENCY_DIM, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
+                                    fourier_scale=fourier_scale)
         self.time_mlp1 = layers.linear(FREQUENCY_DIM, hidden, init=normal_002, **kw)
         self.time_mlp2 = layers.linear(hidden, hidden, init=normal_002, **kw)
         self.num_classes = int(num_classes)
@@ -139,13 +162,13 @@ class DiT(nnx.Module):
             if num_classes > 0
             else None
         )
-        self.blocks = stacked_blocks(depth, hidden, heads, float(cfg.mlp_ratio), dropout=float(cfg.dropout), **kw)
+        self.blocks = stacked_blocks(depth, hidden, heads, float(mlp_ratio), dropout=float(dropout), **kw)
         self.final_adaln = layers.linear(hidden, 2 * hidden, init=layers.zeros, **kw)
         self.final_proj = layers.linear(hidden, patch * patch * out_ch, init=layers.zeros, **kw)
         self.patch = patch
         self.hidden = hidden
         self.out_ch = out_ch
-        self.remat = bool(cfg.remat)
+        self.remat = bool(remat)
         self.dtype = dtype
 
     def __call__(

@@ -86,18 +86,6 @@ class NoiseEmbedding(nnx.Module):
         self.freq_shift = float(freq_shift)
         self.fourier_scale = float(fourier_scale)
 
-    @classmethod
-    def from_config(cls, cfg, dim: int) -> "NoiseEmbedding":
-        """The embedding `config.model` names (embedding, flip_sin_to_cos, freq_shift, fourier_scale)."""
-        get = cfg.get if hasattr(cfg, "get") else lambda name, default: getattr(cfg, name, default)
-        return cls(
-            cfg.embedding,
-            dim,
-            flip_sin_to_cos=get("flip_sin_to_cos", False),
-            freq_shift=get("freq_shift", 1.0),
-            fourier_scale=get("fourier_scale", 16.0),
-        )
-
     def __call__(self, c_noise: Array) -> Array:
         if self.kind == "fourier":
             return fourier_embedding(

@@ -18,8 +18,6 @@ Array = jax.Array
 xavier_uniform = nnx.initializers.xavier_uniform()  # DDPM's default_init: variance scaling, fan_avg, uniform
 zeros = nnx.initializers.zeros_init()
 
-CONV_IMPLS = ("xla", "rows")
-
 
 def dtype_of(name: str | jnp.dtype) -> jnp.dtype:
     """'float32' | 'bfloat16' | 'float16' (from config.model.dtype / param_dtype) -> a jnp dtype."""
@@ -56,61 +54,9 @@ def _conv_xla(x: Array, kernel: Array, stride: int, padding: Sequence[tuple[int,
     )
 
 
-def _kernel_grad_rows(x: Array, dy: Array, kernel_shape, stride: int, padding) -> Array:
-    """dL/dkernel of a 2-D conv, computed as ONE 1-D convolution along the rows.
-
-    dk[i, j, ci, co] = sum_{b, h, w} xp[b, s h + i, s w + j, ci] dy[b, h, w, co]. XLA writes this
-    as a 2-D convolution whose window is the whole output map and whose contracted feature
-    dimension is only the batch, a shape XLA:CPU's convolution kernels handle poorly. Here the
-    kw column shifts are stacked into the batch dimension and (batch, width) become the
-    contracted feature dimension, so the window is only the output height.
-    """
-    kh, kw, cin, cout = kernel_shape
-    b, ho, wo, _ = dy.shape
-    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    hp = xp.shape[1]
-    cols = jnp.stack([xp[:, :, j : j + stride * (wo - 1) + 1 : stride, :] for j in range(kw)])  # [kw,B,Hp,Wo,Cin]
-    lhs = cols.transpose(0, 4, 2, 1, 3).reshape(kw * cin, hp, b * wo)
-    rhs = dy.transpose(1, 0, 2, 3).reshape(ho, b * wo, cout)
-    out = lax.conv_general_dilated(
-        lhs, rhs, (1,), "VALID", rhs_dilation=(stride,), dimension_numbers=("NHC", "HIO", "NHC")
-    )  # [kw * Cin, >= kh, Cout]
-    return out[:, :kh].reshape(kw, cin, kh, cout).transpose(2, 0, 1, 3)
-
-
-def _conv_rows_fwd(x, kernel, stride, padding):
-    return _conv_xla(x, kernel, stride, padding), (x, kernel)
-
-
-def _conv_rows_bwd(stride, padding, res, dy):
-    x, kernel = res
-    _, vjp_x = jax.vjp(lambda x_: _conv_xla(x_, kernel, stride, padding), x)
-    (dx,) = vjp_x(dy)
-    dk = _kernel_grad_rows(x, dy, kernel.shape, stride, padding)
-    return dx, dk.astype(kernel.dtype)
-
-
-_conv_rows = jax.custom_vjp(_conv_xla, nondiff_argnums=(2, 3))
-_conv_rows.defvjp(_conv_rows_fwd, _conv_rows_bwd)
-
-
-def conv2d(
-    x: Array, kernel: Array, *, stride: int = 1, padding: Sequence[tuple[int, int]], impl: str = "xla"
-) -> Array:
-    """2-D convolution, NHWC x HWIO -> NHWC, with explicit ((top, bottom), (left, right)) padding.
-
-    impl="xla": lax.conv_general_dilated, differentiated by JAX. impl="rows": the same forward
-    and input gradient, but the kernel gradient is one 1-D convolution over rows
-    (`_kernel_grad_rows`) instead of XLA's backward-filter convolution, whose window spans the
-    whole feature map and which XLA:CPU runs slowly (see benchmarks/models.py). Values and
-    gradients agree with impl="xla" to float rounding.
-    """
-    padding = tuple((int(a), int(b)) for a, b in padding)
-    if impl == "xla":
-        return _conv_xla(x, kernel, stride, padding)
-    if impl == "rows":
-        return _conv_rows(x, kernel, stride, padding)
-    raise ValueError(f"Unknown conv_impl {impl!r} in config.model.conv_impl. Valid names: {', '.join(CONV_IMPLS)}.")
+def conv2d(x: Array, kernel: Array, *, stride: int = 1, padding: Sequence[tuple[int, int]]) -> Array:
+    """2-D convolution, NHWC x HWIO -> NHWC, with explicit ((top, bottom), (left, right)) padding."""
+    return _conv_xla(x, kernel, stride, tuple((int(a), int(b)) for a, b in padding))
 
 
 class Conv(nnx.Module):
@@ -128,15 +74,10 @@ class Conv(nnx.Module):
         stride: int = 1,
         padding: str | Sequence[tuple[int, int]] = "same",
         zero_init: bool = False,
-        impl: str = "xla",
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if impl not in CONV_IMPLS:
-            raise ValueError(
-                f"Unknown conv_impl {impl!r} in config.model.conv_impl. Valid names: {', '.join(CONV_IMPLS)}."
-            )
         shape = (kernel_size, kernel_size, in_features, out_features)
         init = zeros if zero_init else xavier_uniform
         self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
@@ -145,7 +86,6 @@ class Conv(nnx.Module):
             padding = ((kernel_size // 2, kernel_size // 2),) * 2
         self.padding = tuple((int(a), int(b)) for a, b in padding)
         self.stride = stride
-        self.impl = impl
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
@@ -154,7 +94,6 @@ class Conv(nnx.Module):
             self.kernel[...].astype(self.dtype),
             stride=self.stride,
             padding=self.padding,
-            impl=self.impl,
         )
         return y + self.bias[...].astype(self.dtype)
 
@@ -281,12 +220,12 @@ class Downsample(nnx.Module):
     padding=0: only bottom/right, TensorFlow's 'SAME' as in the original DDPM code (diffusers'
     downsample_padding)."""
 
-    def __init__(self, channels: int, *, padding: int, impl: str, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, channels: int, *, padding: int, dtype, param_dtype, rngs: nnx.Rngs):
         if padding not in (0, 1):
             raise ValueError(f"config.model.downsample_padding must be 0 or 1, got {padding}")
         pad = ((1, 1), (1, 1)) if padding == 1 else ((0, 1), (0, 1))
         self.conv = Conv(
-            channels, channels, 3, stride=2, padding=pad, impl=impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            channels, channels, 3, stride=2, padding=pad, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
 
     def __call__(self, x: Array, emb: Array | None = None, dropout_key: Array | None = None) -> Array:
@@ -296,8 +235,8 @@ class Downsample(nnx.Module):
 class Upsample(nnx.Module):
     """Nearest-neighbour 2x upsampling followed by a 3x3 convolution (DDPM / ADM)."""
 
-    def __init__(self, channels: int, *, impl: str, dtype, param_dtype, rngs: nnx.Rngs):
-        self.conv = Conv(channels, channels, 3, impl=impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, channels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.conv = Conv(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: Array, emb: Array | None = None, dropout_key: Array | None = None) -> Array:
         return self.conv(upsample_nearest(x))
@@ -313,54 +252,56 @@ class ResBlock(nnx.Module):
     default:           h = silu(norm2(h + e))
     scale_shift_norm:  h = silu(norm2(h) * (1 + scale) + shift),  (scale, shift) = split(e)
     out = skip(x) + conv2(dropout(h)), conv2 zero-initialised; skip is a 1x1 conv when the
-    width changes. resample="down"/"up" makes it BigGAN's resampling block (ADM's
-    resblock_updown): 2x2 average pooling / nearest upsampling of both paths after norm1.
+    width changes. emb_dim=None drops the conditioning (an autoencoder's block, diffusers'
+    ResnetBlock2D with temb_channels=None): h = silu(norm2(h)). resample="down"/"up" makes it
+    BigGAN's resampling block (ADM's resblock_updown): 2x2 average pooling / nearest upsampling of both paths after norm1.
     """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        emb_dim: int,
+        emb_dim: int | None,
         *,
         dropout: float = 0.0,
         scale_shift_norm: bool = False,
         groups: int,
         eps: float,
         resample: str | None = None,
-        impl: str = "xla",
         dtype: jnp.dtype,
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.norm1 = GroupNorm(in_channels, groups, eps, **kw)
-        self.conv1 = Conv(in_channels, out_channels, 3, impl=impl, rngs=rngs, **kw)
-        self.temb = linear(emb_dim, out_channels * (2 if scale_shift_norm else 1), rngs=rngs, **kw)
-        self.norm2 = GroupNorm(out_channels, groups, eps, **kw)
-        self.conv2 = Conv(out_channels, out_channels, 3, impl=impl, zero_init=True, rngs=rngs, **kw)
-        self.skip = (
-            Conv(in_channels, out_channels, 1, impl=impl, rngs=rngs, **kw) if in_channels != out_channels else None
+        self.conv1 = Conv(in_channels, out_channels, 3, rngs=rngs, **kw)
+        self.temb = (
+            None if emb_dim is None else linear(emb_dim, out_channels * (2 if scale_shift_norm else 1), rngs=rngs, **kw)
         )
+        self.norm2 = GroupNorm(out_channels, groups, eps, **kw)
+        self.conv2 = Conv(out_channels, out_channels, 3, zero_init=True, rngs=rngs, **kw)
+        self.skip = Conv(in_channels, out_channels, 1, rngs=rngs, **kw) if in_channels != out_channels else None
         if resample not in (None, "up", "down"):
             raise ValueError(f"resample must be None, 'up' or 'down', got {resample!r}")
         self.resample = resample
         self.scale_shift_norm = bool(scale_shift_norm)
         self.dropout = float(dropout)
 
-    def __call__(self, x: Array, emb: Array, dropout_key: Array | None = None) -> Array:
+    def __call__(self, x: Array, emb: Array | None = None, dropout_key: Array | None = None) -> Array:
         h = jax.nn.silu(self.norm1(x))
         if self.resample == "down":
             h, x = downsample_avg(h), downsample_avg(x)
         elif self.resample == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
         h = self.conv1(h)
-        e = self.temb(jax.nn.silu(emb))[:, None, None, :]
-        if self.scale_shift_norm:
+        if self.temb is None:
+            h = self.norm2(h)
+        elif self.scale_shift_norm:
+            e = self.temb(jax.nn.silu(emb))[:, None, None, :]
             scale, shift = jnp.split(e, 2, axis=-1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + e)
+            h = self.norm2(h + self.temb(jax.nn.silu(emb))[:, None, None, :])
         h = dropout(jax.nn.silu(h), self.dropout, dropout_key)
         h = self.conv2(h)
         if self.skip is not None:

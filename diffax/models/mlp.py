@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffax.models import layers
+from diffax.models import layers as nn_layers
 from diffax.models.embeddings import NoiseEmbedding
 from diffax.models.unet import add_label_embedding
 
@@ -17,30 +17,46 @@ class MLP(nnx.Module):
 
     h = Linear(x); layers x h = h + Linear(silu(Linear(h) + Linear(emb))) (residual, with the
     noise-level embedding of Ho et al. 2020 injected in every layer); out = zero-initialised
-    Linear(silu(h)). Widths: config.model.hidden, depth: config.model.layers.
+    Linear(silu(h)). Width `hidden`, depth `layers`.
     """
 
-    def __init__(self, cfg, *, data_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        data_shape: tuple[int, ...],  # (D,) of the data points
+        num_classes: int = 0,  # 0: unconditional; else a class table of num_classes + 1 rows (the last: null label)
+        hidden: int = 256,  # width of every layer
+        layers: int = 4,  # residual layers
+        dropout: float = 0.0,  # dropout rate inside the residual layers
+        learn_sigma: bool = False,  # also output the variance interpolation (2D outputs)
+        embedding: str = "sinusoidal",  # noise-level embedding: sinusoidal | fourier
+        flip_sin_to_cos: bool = False,  # sinusoidal order: False [sin, cos], True [cos, sin]
+        freq_shift: float = 1.0,  # frequencies 10000^(-i / (dim/2 - freq_shift))
+        fourier_scale: float = 16.0,  # std of the Gaussian Fourier features (embedding = fourier)
+        dtype: str = "float32",  # activations
+        param_dtype: str = "float32",  # parameters
+        rngs: nnx.Rngs,
+    ):
         if len(data_shape) != 1:
             raise ValueError(f"the mlp needs flat data (D,), got data_shape={data_shape}")
         (dim,) = data_shape
-        hidden = int(cfg.hidden)
-        dtype = layers.dtype_of(cfg.dtype)
-        kw = dict(dtype=dtype, param_dtype=layers.dtype_of(cfg.param_dtype), rngs=rngs)
-        self.embed = NoiseEmbedding.from_config(cfg, hidden)
-        self.time_mlp1 = layers.linear(hidden, hidden, **kw)
-        self.time_mlp2 = layers.linear(hidden, hidden, **kw)
+        hidden, depth = int(hidden), int(layers)
+        dtype = nn_layers.dtype_of(dtype)
+        kw = dict(dtype=dtype, param_dtype=nn_layers.dtype_of(param_dtype), rngs=rngs)
+        self.embed = NoiseEmbedding(embedding, hidden, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
+                                    fourier_scale=fourier_scale)
+        self.time_mlp1 = nn_layers.linear(hidden, hidden, **kw)
+        self.time_mlp2 = nn_layers.linear(hidden, hidden, **kw)
         self.num_classes = int(num_classes)
         self.label_embed = (
             nnx.Embed(num_classes + 1, hidden, param_dtype=kw["param_dtype"], rngs=rngs) if num_classes > 0 else None
         )
-        self.inp = layers.linear(dim, hidden, **kw)
-        n = int(cfg.layers)
-        self.hid = nnx.List([layers.linear(hidden, hidden, **kw) for _ in range(n)])
-        self.temb = nnx.List([layers.linear(hidden, hidden, **kw) for _ in range(n)])
-        self.mix = nnx.List([layers.linear(hidden, hidden, **kw) for _ in range(n)])
-        self.out = layers.linear(hidden, dim * (2 if cfg.learn_sigma else 1), init=layers.zeros, **kw)
-        self.dropout = float(cfg.dropout)
+        self.inp = nn_layers.linear(dim, hidden, **kw)
+        self.hid = nnx.List([nn_layers.linear(hidden, hidden, **kw) for _ in range(depth)])
+        self.temb = nnx.List([nn_layers.linear(hidden, hidden, **kw) for _ in range(depth)])
+        self.mix = nnx.List([nn_layers.linear(hidden, hidden, **kw) for _ in range(depth)])
+        self.out = nn_layers.linear(hidden, dim * (2 if learn_sigma else 1), init=nn_layers.zeros, **kw)
+        self.dropout = float(dropout)
         self.dtype = dtype
 
     def __call__(
@@ -53,5 +69,5 @@ class MLP(nnx.Module):
         h = self.inp(x.astype(self.dtype))
         for i, (lin, tproj, mix) in enumerate(zip(self.hid, self.temb, self.mix)):
             z = jax.nn.silu(lin(h) + tproj(emb))
-            h = h + mix(layers.dropout(z, self.dropout, layers.fold_key(dropout_key, i)))
+            h = h + mix(nn_layers.dropout(z, self.dropout, nn_layers.fold_key(dropout_key, i)))
         return self.out(jax.nn.silu(h))

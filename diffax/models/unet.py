@@ -16,6 +16,8 @@ head_channels=64, attention at (32, 16, 8), num_classes > 0.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,16 +28,12 @@ from diffax.models.embeddings import NoiseEmbedding
 Array = jax.Array
 
 
-def _get(cfg, name: str, default):
-    """cfg.name, or default for a config written before the field existed."""
-    return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
-
-
 def heads_for(channels: int, num_heads: int, head_channels: int) -> int:
     """ADM's rule: head_channels > 0 fixes the width per head, otherwise num_heads heads."""
     if head_channels and head_channels > 0:
         if channels % head_channels:
-            raise ValueError(f"config.model.head_channels={head_channels} does not divide {channels} channels")
+            raise ValueError(f"head_channels={head_channels} (config.model.head_channels) does not divide "
+                             f"{channels} channels")
         return channels // head_channels
     return int(num_heads)
 
@@ -59,51 +57,67 @@ class UNet(nnx.Module):
     label). Returns the network dtype; the diffusion math casts to float32.
     """
 
-    def __init__(self, cfg, *, data_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        data_shape: tuple[int, ...],  # (H, W, C) of the images
+        num_classes: int = 0,  # 0: unconditional; else a class table of num_classes + 1 rows (the last: null label)
+        channels: int = 128,  # base channels (DDPM CIFAR-10: 128)
+        channel_mult: Sequence[int] = (1, 2, 2, 2),  # channels = channels * mult at each resolution level
+        num_res_blocks: int = 2,  # residual blocks per level (one more per level in the up path)
+        attention_resolutions: Sequence[int] = (16,),  # feature-map sides with self-attention
+        up_attention_resolutions: Sequence[int] | None = None,  # sides with attention going up; None: as down
+        mid_attention: bool = True,  # self-attention between the two middle residual blocks
+        num_heads: int = 1,  # attention heads (when head_channels <= 0)
+        head_channels: int = -1,  # ADM: channels per head instead of num_heads when > 0
+        dropout: float = 0.0,  # dropout rate in the residual blocks
+        resblock_updown: bool = False,  # ADM / BigGAN up/down-sampling residual blocks instead of convs
+        scale_shift_norm: bool = False,  # ADM adaptive group norm
+        norm_groups: int = 32,  # GroupNorm groups
+        norm_eps: float = 1e-6,  # GroupNorm epsilon (DDPM's TF code 1e-6; ADM / diffusers 1e-5)
+        downsample_padding: int = 1,  # stride-2 conv padding: 1 each side; 0 bottom/right only (TF 'SAME')
+        learn_sigma: bool = False,  # also output the variance interpolation (2C channels)
+        embedding: str = "sinusoidal",  # noise-level embedding: sinusoidal | fourier
+        flip_sin_to_cos: bool = False,  # sinusoidal order: False [sin, cos] (DDPM), True [cos, sin] (ADM)
+        freq_shift: float = 1.0,  # frequencies 10000^(-i / (dim/2 - freq_shift)): 1 DDPM, 0 ADM
+        fourier_scale: float = 16.0,  # std of the Gaussian Fourier features (embedding = fourier)
+        dtype: str = "float32",  # activations (bfloat16 on accelerators)
+        param_dtype: str = "float32",  # parameters
+        remat: bool = False,  # rematerialise every block in the backward pass to save memory
+        rngs: nnx.Rngs,
+    ):
         if len(data_shape) != 3:
             raise ValueError(f"the unet needs image data (H, W, C), got data_shape={data_shape}")
         height, _, in_ch = data_shape
-        dtype = layers.dtype_of(cfg.dtype)
-        pdt = layers.dtype_of(cfg.param_dtype)
+        dtype = layers.dtype_of(dtype)
+        pdt = layers.dtype_of(param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdt)
-        ch = int(cfg.channels)
-        mult = tuple(cfg.channel_mult)
-        nrb = int(cfg.num_res_blocks)
+        ch = int(channels)
+        mult = tuple(channel_mult)
         emb_dim = 4 * ch
-        groups = int(cfg.norm_groups)
-        eps = float(_get(cfg, "norm_eps", 1e-6))
-        impl = _get(cfg, "conv_impl", "xla")
-        attn_down = set(cfg.attention_resolutions)
-        up_res = _get(cfg, "up_attention_resolutions", None)
-        attn_up = attn_down if up_res is None else set(up_res)
-        updown = bool(cfg.resblock_updown)
-        down_pad = int(_get(cfg, "downsample_padding", 1))
-        nheads = lambda c: heads_for(c, cfg.num_heads, cfg.head_channels)  # noqa: E731
+        attn_down = set(attention_resolutions)
+        attn_up = attn_down if up_attention_resolutions is None else set(up_attention_resolutions)
+        nheads = lambda c: heads_for(c, num_heads, head_channels)  # noqa: E731
 
-        res_kw = dict(
-            dropout=float(cfg.dropout),
-            scale_shift_norm=bool(cfg.scale_shift_norm),
-            groups=groups,
-            eps=eps,
-            impl=impl,
-            **kw,
-        )
-        attn_kw = dict(groups=groups, eps=eps, **kw)
+        res_kw = dict(dropout=float(dropout), scale_shift_norm=bool(scale_shift_norm), groups=int(norm_groups),
+                      eps=float(norm_eps), **kw)
+        attn_kw = dict(groups=int(norm_groups), eps=float(norm_eps), **kw)
 
-        self.embed = NoiseEmbedding.from_config(cfg, ch)
+        self.embed = NoiseEmbedding(embedding, ch, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
+                                    fourier_scale=fourier_scale)
         self.time_mlp1 = layers.linear(ch, emb_dim, rngs=rngs, **kw)
         self.time_mlp2 = layers.linear(emb_dim, emb_dim, rngs=rngs, **kw)
         self.num_classes = int(num_classes)
         self.label_embed = (
             nnx.Embed(num_classes + 1, emb_dim, param_dtype=pdt, rngs=rngs) if num_classes > 0 else None
         )
-        self.conv_in = layers.Conv(in_ch, ch, 3, impl=impl, rngs=rngs, **kw)
+        self.conv_in = layers.Conv(in_ch, ch, 3, rngs=rngs, **kw)
 
         down, skips, cur, res = [], [ch], ch, height
         for level, m in enumerate(mult):
             out = ch * m
             blocks, attns = [], []
-            for _ in range(nrb):
+            for _ in range(int(num_res_blocks)):
                 blocks.append(layers.ResBlock(cur, out, emb_dim, rngs=rngs, **res_kw))
                 attns.append(
                     layers.AttentionBlock(out, nheads(out), rngs=rngs, **attn_kw) if res in attn_down else None
@@ -112,10 +126,10 @@ class UNet(nnx.Module):
                 skips.append(cur)
             resample = None
             if level != len(mult) - 1:
-                if updown:
+                if resblock_updown:
                     resample = layers.ResBlock(cur, cur, emb_dim, resample="down", rngs=rngs, **res_kw)
                 else:
-                    resample = layers.Downsample(cur, padding=down_pad, impl=impl, rngs=rngs, **kw)
+                    resample = layers.Downsample(cur, padding=int(downsample_padding), rngs=rngs, **kw)
                 skips.append(cur)
                 res //= 2
             down.append(Level(blocks, attns, resample))
@@ -124,7 +138,7 @@ class UNet(nnx.Module):
         self.mid_res1 = layers.ResBlock(cur, cur, emb_dim, rngs=rngs, **res_kw)
         self.mid_attn = (
             layers.AttentionBlock(cur, nheads(cur), rngs=rngs, **attn_kw)
-            if _get(cfg, "mid_attention", True)
+            if mid_attention
             else None
         )
         self.mid_res2 = layers.ResBlock(cur, cur, emb_dim, rngs=rngs, **res_kw)
@@ -133,7 +147,7 @@ class UNet(nnx.Module):
         for level, m in reversed(list(enumerate(mult))):
             out = ch * m
             blocks, attns = [], []
-            for _ in range(nrb + 1):
+            for _ in range(int(num_res_blocks) + 1):
                 blocks.append(layers.ResBlock(cur + skips.pop(), out, emb_dim, rngs=rngs, **res_kw))
                 attns.append(
                     layers.AttentionBlock(out, nheads(out), rngs=rngs, **attn_kw) if res in attn_up else None
@@ -141,18 +155,18 @@ class UNet(nnx.Module):
                 cur = out
             resample = None
             if level != 0:
-                if updown:
+                if resblock_updown:
                     resample = layers.ResBlock(cur, cur, emb_dim, resample="up", rngs=rngs, **res_kw)
                 else:
-                    resample = layers.Upsample(cur, impl=impl, rngs=rngs, **kw)
+                    resample = layers.Upsample(cur, rngs=rngs, **kw)
                 res *= 2
             up.append(Level(blocks, attns, resample))
         self.up = nnx.List(up)
 
-        self.norm_out = layers.GroupNorm(cur, groups, eps, **kw)
-        out_ch = in_ch * (2 if cfg.learn_sigma else 1)
-        self.conv_out = layers.Conv(cur, out_ch, 3, impl=impl, zero_init=True, rngs=rngs, **kw)
-        self.remat = bool(cfg.remat)
+        self.norm_out = layers.GroupNorm(cur, int(norm_groups), float(norm_eps), **kw)
+        out_ch = in_ch * (2 if learn_sigma else 1)
+        self.conv_out = layers.Conv(cur, out_ch, 3, zero_init=True, rngs=rngs, **kw)
+        self.remat = bool(remat)
         self.dtype = dtype
 
     def embed_noise(self, c_noise: Array, labels: Array | None, batch: int) -> Array:

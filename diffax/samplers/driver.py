@@ -1,6 +1,8 @@
-"""`sample` (one batch, pure, jit it) and `draw_samples` (many batches, streamed to the host)."""
+"""`sample` (one batch, pure, jit it), `make_sampler` (the same from a config) and `draw_samples` (many
+batches, streamed to the host)."""
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from diffax.parallel import batch_shards
 from diffax.samplers.base import SAMPLERS
 from diffax.samplers.guidance import make_denoiser
 from diffax.visualize import to_uint8
@@ -17,31 +20,73 @@ Array = jax.Array
 
 
 def sample(
-    sampling_cfg: Any,
-    diffusion_cfg: Any,
+    name: str,
     schedule: Any,
     parameterization: Any,
     apply_fn: Callable,
     noise: Array,
     key: Array,
-    labels: Array | None = None,
     *,
+    labels: Array | None = None,
     null_label: int | None = None,
+    guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    clip_x0: bool = False,
+    dynamic_threshold: float = 0.0,
+    **options: Any,
 ) -> Array:
-    """Draw x0 samples from standard-normal `noise` [B, ...] with the sampler config.sampling.sampler.
+    """Draw x0 samples from standard-normal `noise` [B, ...] with the sampler `name` and its `options`.
 
     Pure and jittable: the step loop is a lax.scan on the device, so compile time does not depend
-    on config.sampling.steps. `apply_fn(z_in, c_noise, labels)` is the network; `labels` int32 [B]
-    or None; `null_label` (= num_classes) is needed for classifier-free guidance. Float32 output.
+    on the number of steps. `apply_fn(z_in, c_noise, labels)` is the network; `labels` int32 [B]
+    or None; `null_label` (= num_classes) is needed for classifier-free guidance. The guidance
+    and clipping arguments are `make_denoiser`'s, `options` the sampler function's keyword
+    arguments (e.g. steps=50, eta=0.0 for ddim). Float32 output.
     """
-    name = str(sampling_cfg.sampler)
     fn = SAMPLERS.get(name)
-    learned = name == "ddpm" and str(sampling_cfg.variance) == "learned"
     denoise = make_denoiser(
-        apply_fn, schedule, parameterization, sampling_cfg, diffusion_cfg,
-        null_label=null_label, return_variance=learned,
+        apply_fn, schedule, parameterization, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+        null_label=null_label, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
     )
-    return fn(lambda z, t: denoise(z, t, labels), schedule, noise, key, sampling_cfg, diffusion_cfg)
+    return fn(lambda z, t, c_noise=None: denoise(z, t, labels, c_noise), schedule, noise, key, **options)
+
+
+# config.sampling fields whose sampler argument has another name
+_CONFIG_FIELD = {"solver": "ode_solver", "rtol": "ode_rtol", "atol": "ode_atol"}
+
+
+def sampler_options(name: str, sampling_cfg: Any) -> dict[str, Any]:
+    """The keyword arguments of sampler `name` read from config.sampling (each argument from the field of the
+    same name, the ode solver's from ode_solver / ode_rtol / ode_atol)."""
+    fn = SAMPLERS.get(name)
+    options = {}
+    for arg in inspect.signature(fn).parameters.values():
+        if arg.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        field = _CONFIG_FIELD.get(arg.name, arg.name)
+        if field not in sampling_cfg and arg.default is inspect.Parameter.empty:
+            raise ValueError(f"config.sampling.{field} is needed by the {name} sampler: add it to the config")
+        value = sampling_cfg.get(field, arg.default)  # a run saved before the field existed: its default
+        options[arg.name] = tuple(value) if isinstance(value, (list, tuple)) else value
+    return options
+
+
+def make_sampler(config: Any) -> Callable:
+    """Read config.sampling and config.diffusion once: a sampler
+    fn(schedule, parameterization, apply_fn, noise, key, labels=None, *, null_label=None) -> x
+    equal to `sample` with the config's sampler name, its options, guidance and x0 clipping."""
+    s, d = config.sampling, config.diffusion
+    name = str(s.sampler)
+    options = sampler_options(name, s)
+    guidance = dict(guidance_scale=float(s.guidance_scale), clip_x0=bool(d.clip_x0),
+                    guidance_interval=tuple(float(v) for v in s.guidance_interval),
+                    dynamic_threshold=float(d.dynamic_threshold))
+
+    def sampler(schedule, parameterization, apply_fn, noise, key, labels=None, *, null_label=None):
+        return sample(name, schedule, parameterization, apply_fn, noise, key, labels=labels, null_label=null_label,
+                      **guidance, **options)
+
+    return sampler
 
 
 def _batch_sharding(sharding: Any, ndim: int) -> Any:
@@ -84,7 +129,8 @@ def draw_samples(
     Chunk c uses key fold_in(PRNGKey(seed), c): its initial noise is normal(fold_in(key_c, 0)) unless
     `noise` [num_samples, *shape] is given, and the sampler gets fold_in(key_c, 1), so the output is
     a deterministic function of (seed, batch_size). The last chunk is padded to batch_size (one
-    compiled shape) and trimmed. With a NamedSharding the batch is split over its first mesh axis
+    compiled shape) and trimmed; fewer than `batch_size` samples run as one chunk of `num_samples` (rounded
+    up to a multiple of the data axis). With a NamedSharding the batch is split over its first mesh axis
     (the data axis). The next chunk is dispatched before the previous one is copied to the host.
     Returns {"images": uint8 NHWC (round(clip((x+1)*127.5))) for image data (len(shape) == 3) or float32
     otherwise, "labels": int32 [num_samples] or None}.
@@ -103,12 +149,12 @@ def draw_samples(
             raise ValueError(f"labels has shape {labels.shape}, expected ({num_samples},)")
     x_sharding = _batch_sharding(sharding, 1 + len(shape))
     l_sharding = _batch_sharding(sharding, 1)
+    n_shards = 1
     if sharding is not None:
-        lead = x_sharding.spec[0]
-        axes = (lead,) if isinstance(lead, str) else tuple(lead or ())
-        n_shards = math.prod(sharding.mesh.shape[a] for a in axes)
+        n_shards = batch_shards(x_sharding)
         if batch_size % n_shards:
             raise ValueError(f"batch_size {batch_size} must be divisible by the data axis size {n_shards}")
+    batch_size = min(batch_size, max(1, math.ceil(num_samples / n_shards)) * n_shards)  # draw only what is needed
     make_noise = jax.jit(
         lambda k: jax.random.normal(k, (batch_size, *shape), jnp.float32),
         out_shardings=x_sharding,

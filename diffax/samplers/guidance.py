@@ -1,11 +1,11 @@
-"""The denoiser every sampler calls: network -> (x0, eps), with guidance and x0 clipping.
+"""The denoiser every sampler calls: network -> Denoised(x0, eps), with guidance and x0 clipping.
 
-`make_denoiser` turns `apply_fn(z_in, c_noise, labels)` into `denoise(z, t, labels)
--> (x0, eps)` in float32 through the parameterization (so every sampler works with
-every prediction target and schedule), applies classifier-free guidance (Ho &
-Salimans 2022) optionally restricted to an interval of t (Kynkaanniemi et al. 2024),
-then x0 clipping or dynamic thresholding (Saharia et al. 2022), re-deriving eps from
-the clipped x0 as guided-diffusion does (diffusers' `use_clipped_model_output=True`).
+`make_denoiser` turns `apply_fn(z_in, c_noise, labels)` into `denoise(z, t, labels, c_noise=None)
+-> Denoised` in float32 through the parameterization (so every sampler works with every
+prediction target and schedule), applies classifier-free guidance (Ho & Salimans 2022)
+optionally restricted to an interval of t (Kynkaanniemi et al. 2024), then x0 clipping or
+dynamic thresholding (Saharia et al. 2022), re-deriving eps from the clipped x0 as
+guided-diffusion does (diffusers' `use_clipped_model_output=True`).
 """
 from __future__ import annotations
 
@@ -15,24 +15,29 @@ import jax
 import jax.numpy as jnp
 
 from diffax import parameterization as param_lib
-from diffax.samplers.base import bcast
+from diffax.samplers.base import Denoised
 
 Array = jax.Array
 
 
-def _raw_denoiser(apply_fn: Callable, schedule: Any, parameterization: Any) -> Callable:
-    """(z, t[B], labels) -> (x0, eps, v): one network call, no guidance, no clipping."""
+def raw_denoiser(apply_fn: Callable, schedule: Any, parameterization: Any) -> Callable:
+    """net(z, t[B], labels, c_noise=None) -> Denoised: one network call, no guidance, no clipping.
 
-    def net(z: Array, t: Array, labels: Array | None):
-        z_in, c_noise = parameterization.model_inputs(z, t, schedule)
-        out = jnp.asarray(apply_fn(z_in, c_noise, labels)).astype(jnp.float32)
-        v = None
+    `c_noise` [B] replaces the parameterization's noise input (a sampler on diffusers' grid passes
+    diffusers' exact timesteps); the conversion to (x0, eps) always uses the schedule at t.
+    """
+
+    def net(z: Array, t: Array, labels: Array | None, c_noise: Array | None = None) -> Denoised:
+        z_in, c = parameterization.model_inputs(z, t, schedule)
+        if c_noise is not None:
+            c = jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), z.shape[:1])
+        out = jnp.asarray(apply_fn(z_in, c, labels)).astype(jnp.float32)
+        var_interp = None
         if out.shape != z.shape:  # the model also predicts the variance (Nichol & Dhariwal 2021)
-            out, v = param_lib.split_learned_variance(out, z.shape[-1])
-            out = out.astype(jnp.float32)
-            v = None if v is None else v.astype(jnp.float32)
-        x0, eps = parameterization.to_x0_eps(out, z, t, schedule)
-        return jnp.asarray(x0, jnp.float32), jnp.asarray(eps, jnp.float32), v
+            out, var_interp = param_lib.split_learned_variance(out, z.shape[-1])
+            var_interp = None if var_interp is None else var_interp.astype(jnp.float32)
+        x0, eps = parameterization.to_x0_eps(out.astype(jnp.float32), z, t, schedule)
+        return Denoised(jnp.asarray(x0, jnp.float32), jnp.asarray(eps, jnp.float32), var_interp)
 
     return net
 
@@ -41,32 +46,35 @@ def make_denoiser(
     apply_fn: Callable,
     schedule: Any,
     parameterization: Any,
-    sampling_cfg: Any,
-    diffusion_cfg: Any,
     *,
+    guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
     null_label: int | None = None,
-    return_variance: bool = False,
+    clip_x0: bool = False,
+    dynamic_threshold: float = 0.0,
 ) -> Callable:
-    """The sampler's view of the network: denoise(z, t, labels=None) -> (x0, eps), float32.
+    """The sampler's view of the network: denoise(z, t, labels=None, c_noise=None) -> Denoised, float32.
 
-    t is a scalar or per-example [B] time. With config.sampling.guidance_scale w != 1,
-    the conditional and unconditional (label = `null_label`, i.e. num_classes) outputs
-    come from one batched call and are mixed as eps = eps_u + w (eps_c - eps_u) (Ho &
-    Salimans 2022, Eq. 6; the same affine mix for x0, which keeps z = alpha x0 + sigma
-    eps exact), only for t inside config.sampling.guidance_interval (Kynkaanniemi et al.
-    2024) and with w = 1 (purely conditional, one network call) outside it. Then x0 is clipped or
-    thresholded per config.diffusion.clip_x0 / dynamic_threshold and eps re-derived from
-    it. With `return_variance`, a third output is the learned-variance interpolation v
-    in [-1, 1] (Nichol & Dhariwal 2021, Eq. 15) or None.
+    t is a scalar or per-example [B] time. With `guidance_scale` w != 1, the conditional and
+    unconditional (label = `null_label`, i.e. num_classes) outputs come from one batched call
+    and are mixed as eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022, Eq. 6; the same
+    affine mix for x0, which keeps z = alpha x0 + sigma eps exact), only for t inside
+    `guidance_interval` (Kynkaanniemi et al. 2024) and with w = 1 (purely conditional, one
+    network call) outside it. Then x0 is clipped to [-1, 1] (`clip_x0`) or dynamically
+    thresholded at the quantile `dynamic_threshold` in (0, 1] (Saharia et al. 2022), and eps
+    re-derived from it. A learned-variance model's `var_interp` is the conditional one, as GLIDE.
     """
-    net = _raw_denoiser(apply_fn, schedule, parameterization)
-    scale = float(sampling_cfg.guidance_scale)
-    lo, hi = (float(v) for v in sampling_cfg.guidance_interval)
+    net = raw_denoiser(apply_fn, schedule, parameterization)
+    scale = float(guidance_scale)
+    lo, hi = (float(v) for v in guidance_interval)
     guided = scale != 1.0
-    clip, dynamic = bool(diffusion_cfg.clip_x0), float(diffusion_cfg.dynamic_threshold)
-    clipping = clip or dynamic > 0
+    clip, dynamic = bool(clip_x0), float(dynamic_threshold)
+    if not 0.0 <= dynamic <= 1.0:
+        raise ValueError(
+            f"config.diffusion.dynamic_threshold={dynamic} must be a quantile in (0, 1] (e.g. 0.995), or 0 for off"
+        )
 
-    def denoise(z: Array, t: Array | float, labels: Array | None = None):
+    def denoise(z: Array, t: Array | float, labels: Array | None = None, c_noise: Array | None = None) -> Denoised:
         z = jnp.asarray(z, jnp.float32)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
         if guided:
@@ -80,23 +88,25 @@ def make_denoiser(
 
             def guide(_):
                 both = jnp.concatenate([labels, jnp.full_like(labels, int(null_label))])
-                x0, eps, v = net(jnp.concatenate([z, z]), jnp.concatenate([t, t]), both)
+                c2 = None if c_noise is None else jnp.concatenate([jnp.broadcast_to(c_noise, t.shape)] * 2)
+                out = net(jnp.concatenate([z, z]), jnp.concatenate([t, t]), both, c2)
                 b = z.shape[0]
-                w = bcast(jnp.where(inside, scale, 1.0), z)
-                v = None if v is None else v[:b]  # the conditional variance, as GLIDE
-                return x0[b:] + w * (x0[:b] - x0[b:]), eps[b:] + w * (eps[:b] - eps[b:]), v
+                w = param_lib.batch_broadcast(jnp.where(inside, scale, 1.0), z)
+                mix = lambda u: u[b:] + w * (u[:b] - u[b:])  # noqa: E731
+                var_interp = None if out.var_interp is None else out.var_interp[:b]
+                return Denoised(mix(out.x0), mix(out.eps), var_interp)
 
             if lo <= 0.0 and hi >= 1.0:
-                x0, eps, v = guide(None)
+                out = guide(None)
             else:  # outside the interval only the conditional half is evaluated
-                x0, eps, v = jax.lax.cond(jnp.any(inside), guide, lambda _: net(z, t, labels), None)
+                out = jax.lax.cond(jnp.any(inside), guide, lambda _: net(z, t, labels, c_noise), None)
         else:
-            x0, eps, v = net(z, t, labels)
-        if clipping:
-            x0 = param_lib.threshold_x0(x0, clip=clip, dynamic=dynamic)
-            a, s = (jnp.asarray(u, jnp.float32) for u in schedule.alpha_sigma(t))
-            a, s = bcast(a, z), bcast(s, z)
-            eps = jnp.where(s > 0, (z - a * x0) / jnp.where(s > 0, s, 1.0), eps)
-        return (x0, eps, v) if return_variance else (x0, eps)
+            out = net(z, t, labels, c_noise)
+        if clip or dynamic > 0:
+            x0 = param_lib.threshold_x0(out.x0, clip=clip, dynamic=dynamic)
+            a, s = param_lib.coefficients(z, t, schedule)
+            eps = jnp.where(s > 0, (z - a * x0) / jnp.where(s > 0, s, 1.0), out.eps)
+            out = Denoised(x0, eps, out.var_interp)
+        return out
 
     return denoise

@@ -7,19 +7,12 @@ with step size set by the signal-to-noise ratio `snr` (Algorithm 4/5).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from diffax.samplers.base import (
-    SAMPLERS,
-    grid_alpha_sigma,
-    num_train_steps,
-    prior_scale,
-    split_output,
-    step_grid,
-)
+from diffax.samplers.base import SAMPLERS, Denoiser, grid_alpha_sigma, num_train_steps, prior_scale, step_grid
 
 Array = jax.Array
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
@@ -39,41 +32,53 @@ def langevin_step(z: Array, score: Array, noise: Array, snr: float, alpha) -> Ar
 
 
 @SAMPLERS.register("pc")
-def pc(denoise: Callable, schedule: Any, noise: Array, key: Array, sampling_cfg: Any, diffusion_cfg: Any) -> Array:
-    """Predictor-corrector sampler (Song et al. 2021, Algorithm 1 of App. G) on the grid of config.sampling.spacing.
+def pc(
+    denoise: Denoiser,
+    schedule: Any,
+    noise: Array,
+    key: Array,
+    *,
+    steps: int,
+    spacing: str = "trailing",
+    steps_offset: int = 0,
+    final_alpha_one: bool = True,
+    predictor: str = "reverse_diffusion",
+    corrector_steps: int = 1,
+    snr: float = 0.16,
+) -> Array:
+    """Predictor-corrector sampler (Song et al. 2021, Algorithm 1 of App. G) on the grid of `spacing`.
 
-    At each grid time: config.sampling.corrector_steps Langevin steps with config.sampling.snr, then one
-    predictor step (config.sampling.predictor) to the next grid time; no noise on the last predictor
-    step, which returns the denoised mean E[x0 | z] (Tweedie) when it lands on sigma = 0.
+    At each grid time: `corrector_steps` Langevin steps with signal-to-noise ratio `snr`, then one
+    `predictor` step to the next grid time; no noise on the last predictor step, which returns the
+    denoised mean E[x0 | z] (Tweedie) when it lands on sigma = 0.
     Cost: (corrector_steps + 1) evaluations per step.
     """
-    predictor = str(sampling_cfg.predictor)
     if predictor not in PREDICTORS:
         raise ValueError(
             f"Unknown predictor {predictor!r} in config.sampling.predictor; valid: {', '.join(PREDICTORS)}"
         )
-    n_corr, snr = int(sampling_cfg.corrector_steps), float(sampling_cfg.snr)
-    t_cur, t_next, final_clean = step_grid(schedule, sampling_cfg)
-    a_c, s_c, a_n, s_n = grid_alpha_sigma(schedule, t_cur, t_next, final_clean)
+    n_corr, snr = int(corrector_steps), float(snr)
+    grid = step_grid(schedule, steps=steps, spacing=spacing, steps_offset=steps_offset, final_clean=final_alpha_one)
+    a_c, s_c, a_n, s_n = grid_alpha_sigma(schedule, grid)
     # Langevin's alpha: abar_i / abar_{i-1} over one training step (score_sde's VP alphas; 1 for VE)
     dt_train = 1.0 / num_train_steps(schedule)
-    a_prev, _ = schedule.alpha_sigma(jnp.maximum(jnp.asarray(t_cur) - dt_train, 0.0))
-    lang_alpha = (a_c / jnp.asarray(a_prev, jnp.float32)) ** 2
-    n = t_cur.shape[0]
-    z = prior_scale(schedule, t_cur[0]) * jnp.asarray(noise, jnp.float32)
+    a_prev, _ = schedule.alpha_sigma(jnp.maximum(grid.t_cur - dt_train, 0.0))
+    langevin_alpha = (a_c / jnp.asarray(a_prev, jnp.float32)) ** 2
+    n = grid.t_cur.shape[0]
+    z = prior_scale(schedule, grid.t_cur[0]) * jnp.asarray(noise, jnp.float32)
 
     def step(z, xs):
-        i, t, tn, ac, sc, an, sn, la = xs
+        i, t, tn, c_noise, ac, sc, an, sn, lang_a = xs
         key_i = jax.random.fold_in(key, i)
 
         def correct(j, z):
-            eps = split_output(denoise(z, t))[1]
+            eps = denoise(z, t, c_noise).eps
             xi = jax.random.normal(jax.random.fold_in(key_i, j + 1), z.shape, jnp.float32)
-            return langevin_step(z, -eps / sc, xi, snr, la)
+            return langevin_step(z, -eps / sc, xi, snr, lang_a)
 
         z = jax.lax.fori_loop(0, n_corr, correct, z)
-        x0, eps, _ = split_output(denoise(z, t))
-        score = -eps / sc
+        out = denoise(z, t, c_noise)
+        x0, score = out.x0, -out.eps / sc
         if predictor == "reverse_diffusion":  # z - f + G^2 score, + G xi (Eq. 46)
             a = ac / an
             g2 = jnp.maximum(sc**2 - a**2 * sn**2, 0.0)
@@ -86,6 +91,6 @@ def pc(denoise: Callable, schedule: Any, noise: Array, key: Array, sampling_cfg:
         z = jnp.where(i == n - 1, jnp.where(sn == 0, x0, mean), mean + jnp.sqrt(g2) * xi)
         return z, None
 
-    xs = (jnp.arange(n), jnp.asarray(t_cur), jnp.asarray(t_next), a_c, s_c, a_n, s_n, lang_alpha)
+    xs = (jnp.arange(n), grid.t_cur, grid.t_next, grid.c_noise, a_c, s_c, a_n, s_n, langevin_alpha)
     z, _ = jax.lax.scan(step, z, xs)
     return z

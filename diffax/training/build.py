@@ -62,7 +62,7 @@ def build(config: Any, seed: int | None = None) -> Diffusion:
     net_graphdef, net_params, net_rest = nnx.split(net, nnx.Param, ...)
 
     image_size = shape[0] if len(shape) == 3 else None
-    schedule = schedules.get_schedule(config.diffusion, image_size=image_size)
+    schedule = schedules.get_schedule(config.diffusion, image_size=image_size, seed=seed)
     if isinstance(schedule, nnx.Module):
         schedule_graphdef, schedule_params = nnx.split(schedule, nnx.Param)
         static_schedule = None
@@ -79,7 +79,3 @@ def build(config: Any, seed: int | None = None) -> Diffusion:
         parameterization=parameterization.get_parameterization(config.diffusion),
         params={"net": net_params, "schedule": schedule_params},
     )
-
-
-def count_params(tree: Any) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -47,7 +47,7 @@ def import_diffusers(src_dir: str, workdir: str, base_config: Any) -> Any:
         raise TrainingError("The imported UNet's weights do not match the network its config builds (a diffax bug).")
     diffusion.params = {"net": imported, "schedule": diffusion.params["schedule"]}
     tx, _, shardings = state_layout(diffusion, config, parallel.make_mesh(config.mesh))
-    state = jax.device_put(init_state(diffusion, tx), shardings)
+    state = jax.device_put(init_state(diffusion, tx, len(config.training.posthoc_ema)), shardings)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints, async_save=False)
     try:
         ckpt.save(0, state)

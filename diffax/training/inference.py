@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from diffax import compilation, configuration, parallel, samplers
-from diffax.training import checkpoint
+from diffax.errors import UserError
+from diffax.training import checkpoint, latent
 from diffax.training.build import Diffusion, build
 from diffax.training.step import state_layout
 
@@ -22,62 +23,27 @@ from diffax.training.step import state_layout
 def make_sample_fn(diffusion: Diffusion, config: Any, mesh: Any, param_shardings: Any) -> Callable:
     """A jitted sample_fn(params, noise, key, labels) -> samples, its batch sharded over the mesh."""
     batch = parallel.batch_sharding(mesh)
+    sampler = samplers.make_sampler(config)
 
     def sample(params, noise, key, labels):
-        return samplers.sample(
-            config.sampling,
-            config.diffusion,
-            diffusion.schedule(params),
-            diffusion.parameterization,
-            diffusion.apply_fn(params),
-            noise,
-            key,
-            labels,
-            null_label=diffusion.null_label,
-        )
+        return sampler(diffusion.schedule(params), diffusion.parameterization, diffusion.apply_fn(params),
+                       noise, key, labels, null_label=diffusion.null_label)
 
-    return jax.jit(
+    sample_fn = jax.jit(
         sample,
         in_shardings=(param_shardings, batch, parallel.replicated(mesh), batch),
         out_shardings=batch,
         compiler_options=compilation.compiler_options(config),
     )
+    decode = latent.make_decoder(config, batch)  # latent runs: samples are decoded pixels
+    if decode is None:
+        return sample_fn
+    return lambda params, noise, key, labels: decode(sample_fn(params, noise, key, labels))
 
 
 def default_labels(num_samples: int, num_classes: int) -> np.ndarray | None:
     """Class labels cycling 0..num_classes-1 for conditional models (None when unconditional)."""
     return (np.arange(num_samples) % num_classes).astype(np.int32) if num_classes else None
-
-
-def draw(
-    sample_fn: Callable,
-    params: Any,
-    config: Any,
-    mesh: Any,
-    shape: tuple[int, ...],
-    num_classes: int,
-    *,
-    num_samples: int,
-    seed: int,
-    progress: bool = True,
-    noise: np.ndarray | None = None,
-    labels: np.ndarray | None = None,
-    batch_size: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Draw `num_samples` in chunks of `batch_size` (default config.sampling.batch_size); see samplers.draw_samples."""
-    if labels is None:
-        labels = default_labels(num_samples, num_classes)
-    return samplers.draw_samples(
-        functools.partial(sample_fn, params),
-        num_samples,
-        int(batch_size or config.sampling.batch_size),
-        shape,
-        seed,
-        sharding=parallel.batch_sharding(mesh),
-        labels=labels,
-        noise=noise,
-        progress=progress,
-    )
 
 
 @dataclasses.dataclass
@@ -89,7 +55,7 @@ class Inference:
     diffusion: Diffusion
     params: Any  # {"net": ..., "schedule": ...}: the EMA weights unless use_ema=False
     mesh: Any
-    _sample: Callable
+    _sample: Callable  # make_sample_fn's sample(params, noise, key, labels)
 
     def sample_fn(self, noise, key, labels=None):
         """Samples from noise with the config's sampler (jitted and sharded)."""
@@ -98,34 +64,76 @@ class Inference:
     def apply_fn(self, z_in, c_noise, labels=None):
         return self.diffusion.apply_fn(self.params)(z_in, c_noise, labels)
 
-    def draw(self, num_samples: int, seed: int, **kwargs) -> dict[str, np.ndarray]:
-        return draw(self._sample, self.params, self.config, self.mesh, self.diffusion.data_shape,
-                    self.diffusion.num_classes, num_samples=num_samples, seed=seed, **kwargs)
+    def draw(
+        self,
+        num_samples: int,
+        seed: int,
+        *,
+        batch_size: int | None = None,
+        noise: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        progress: bool = True,
+    ) -> dict[str, np.ndarray]:
+        """Draw `num_samples` in chunks of `batch_size` (default config.sampling.batch_size).
+
+        Labels default to `default_labels` for conditional models. The one way to sample a run
+        (training previews, `diffax sample`, the evaluation job); see `samplers.draw_samples`
+        for the chunking, seeding and output format.
+        """
+        if labels is None:
+            labels = default_labels(num_samples, self.diffusion.num_classes)
+        return samplers.draw_samples(
+            functools.partial(self._sample, self.params),
+            num_samples,
+            int(batch_size or self.config.sampling.batch_size),
+            self.diffusion.data_shape,
+            seed,
+            sharding=parallel.batch_sharding(self.mesh),
+            labels=labels,
+            noise=noise,
+            progress=progress,
+        )
 
 
-def load(workdir: str, step: int | None = None, use_ema: bool = True, config: Any | None = None) -> Inference:
+def load(workdir: str, step: int | None = None, use_ema: bool = True, config: Any | None = None,
+         ema_sigma_rel: float | None = None) -> Inference:
     """Load the checkpoint at `step` (default: the latest) of the run in `workdir`.
 
     The config defaults to the run's own `config.json`; a given config must
-    describe the same model (sampling settings may differ).
+    describe the same model (sampling settings may differ). With
+    `ema_sigma_rel`, the weights are the post-hoc EMA of that length at
+    snapshot `step` instead (posthoc_snapshots.load: read, or reconstructed).
     """
     if config is None:
         config = configuration.load(os.path.join(workdir, "config.json"))
-    steps = checkpoint.all_steps(workdir)
-    if not steps:
-        raise FileNotFoundError(f"No checkpoint in {checkpoint.checkpoint_dir(workdir)}: train first, or check --workdir.")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ValueError(f"No checkpoint at step {step} in {workdir}; available steps: {steps}.")
+    latent.check_autoencoder(workdir, config)
     mesh = parallel.make_mesh(config.mesh)
     diffusion = build(config)
     _, abstract, shardings = state_layout(diffusion, config, mesh)
+    sample = make_sample_fn(diffusion, config, mesh, shardings.ema)
+    if ema_sigma_rel is not None:
+        from diffax.training import posthoc_snapshots
+
+        step, params = posthoc_snapshots.load(
+            workdir, ema_sigma_rel, checkpoint.abstract_like(abstract.ema, shardings.ema),
+            checkpoint.abstract_like(abstract.posthoc_ema, shardings.posthoc_ema), step)
+        return Inference(config=config, step=step, diffusion=diffusion, params=params, mesh=mesh, _sample=sample)
+    steps = checkpoint.all_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"No checkpoint in {checkpoint.checkpoint_dir(workdir)}: train first, or check --workdir.")
+    if step is not None and step not in steps:
+        raise ValueError(f"No checkpoint at step {step} in {workdir}; available steps: {steps}.")
+    target = checkpoint.abstract_like(abstract, shardings)
     ckpt = checkpoint.Checkpointer(workdir, keep=max(len(steps), 1), async_save=False)
-    try:
-        state = ckpt.restore(step, checkpoint.abstract_like(abstract, shardings))
+    try:  # the step asked for, or the newest that restores (a damaged one is named, and left alone)
+        if step is not None:
+            state = ckpt.restore(step, target)
+        else:
+            step, state = checkpoint.restore_newest(ckpt, target, set_aside=False)
+            if step is None:
+                raise UserError(f"No checkpoint in {checkpoint.checkpoint_dir(workdir)} can be read (the warnings "
+                                "above say why): train again, or point --workdir at another run.")
     finally:
         ckpt.close()
     params = state.ema if use_ema else state.params
-    sample = make_sample_fn(diffusion, config, mesh, shardings.ema)
     return Inference(config=config, step=step, diffusion=diffusion, params=params, mesh=mesh, _sample=sample)

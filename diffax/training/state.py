@@ -1,4 +1,4 @@
-"""The train state (weights, EMA, optimizer, step) and the optimizer built from the config."""
+"""The train state (weights, EMA(s), optimizer, step) and the optimizer built from the config."""
 from __future__ import annotations
 
 from typing import Any
@@ -26,33 +26,37 @@ class TrainState:
     # Step at which a non-finite loss or gradient first appeared (-1: never).
     # With nan_policy="stop", no update is applied from that step on.
     first_bad_step: jax.Array
+    # Power-function EMA profiles, one params tree per config.training.posthoc_ema
+    # sigma_rel (diffax/training/posthoc_ema.py); () when post-hoc EMA is off.
+    posthoc_ema: tuple = ()
 
 
-def learning_rate_schedule(o: Any, num_steps: int) -> optax.Schedule:
-    """Linear warm-up to `o.learning_rate`, then constant or cosine decay to 0."""
-    warmup = max(int(o.warmup_steps), 0)
-    if o.decay == "constant":
-        after = optax.constant_schedule(o.learning_rate)
-    elif o.decay == "cosine":
-        after = optax.cosine_decay_schedule(o.learning_rate, max(num_steps - warmup, 1))
+def learning_rate_schedule(optimizer_cfg: Any, num_steps: int) -> optax.Schedule:
+    """Linear warm-up to `optimizer_cfg.learning_rate`, then constant or cosine decay to 0."""
+    warmup = max(int(optimizer_cfg.warmup_steps), 0)
+    if optimizer_cfg.decay == "constant":
+        after = optax.constant_schedule(optimizer_cfg.learning_rate)
+    elif optimizer_cfg.decay == "cosine":
+        after = optax.cosine_decay_schedule(optimizer_cfg.learning_rate, max(num_steps - warmup, 1))
     else:
-        raise ValueError(f"Unknown config.optimizer.decay {o.decay!r}: use 'constant' or 'cosine'.")
+        raise ValueError(f"Unknown config.optimizer.decay {optimizer_cfg.decay!r}: use 'constant' or 'cosine'.")
     if warmup == 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), after], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, optimizer_cfg.learning_rate, warmup), after], [warmup])
 
 
-def make_optimizer(o: Any, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optimizer_cfg: Any, num_steps: int) -> optax.GradientTransformation:
     """The optax optimizer of `config.optimizer`: clipping, then Adam or AdamW."""
-    lr = learning_rate_schedule(o, num_steps)
-    if o.name == "adam":
-        opt = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
-    elif o.name == "adamw":
-        opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    lr = learning_rate_schedule(optimizer_cfg, num_steps)
+    if optimizer_cfg.name == "adam":
+        opt = optax.adam(lr, b1=optimizer_cfg.b1, b2=optimizer_cfg.b2, eps=optimizer_cfg.eps)
+    elif optimizer_cfg.name == "adamw":
+        opt = optax.adamw(lr, b1=optimizer_cfg.b1, b2=optimizer_cfg.b2, eps=optimizer_cfg.eps,
+                          weight_decay=optimizer_cfg.weight_decay)
     else:
-        raise ValueError(f"Unknown config.optimizer.name {o.name!r}: use 'adam' or 'adamw'.")
-    if o.grad_clip and o.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
+        raise ValueError(f"Unknown config.optimizer.name {optimizer_cfg.name!r}: use 'adam' or 'adamw'.")
+    if optimizer_cfg.grad_clip and optimizer_cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optimizer_cfg.grad_clip), opt)
     return opt
 
 

@@ -1,4 +1,4 @@
-"""The train step: loss, gradients, optimizer update, EMA; jitted once with shardings.
+"""The train step: loss, gradients, optimizer update, EMA (and post-hoc EMA profiles); jitted once with shardings.
 
 Several optimizer steps can run in one dispatch (`steps_per_dispatch` > 1):
 the batches arrive stacked on a leading axis and `lax.scan` runs the steps.
@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import optax
 
 from diffax import objectives
+from diffax.training import posthoc_ema
 from diffax.training.build import Diffusion
 from diffax.training.state import TrainState, ema_decay, update_ema
 
 
-def init_state(diffusion: Diffusion, tx: optax.GradientTransformation) -> TrainState:
+def init_state(diffusion: Diffusion, tx: optax.GradientTransformation, posthoc_profiles: int = 0) -> TrainState:
+    """The state before step 1; `posthoc_profiles` power-function EMAs (len(config.training.posthoc_ema))."""
     params = diffusion.params
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -24,6 +26,7 @@ def init_state(diffusion: Diffusion, tx: optax.GradientTransformation) -> TrainS
         ema=jax.tree.map(jnp.copy, params),
         opt_state=tx.init(params),
         first_bad_step=jnp.full((), -1, jnp.int32),
+        posthoc_ema=tuple(jax.tree.map(jnp.copy, params) for _ in range(posthoc_profiles)),
     )
 
 
@@ -33,7 +36,7 @@ def state_layout(diffusion: Diffusion, config: Any, mesh: Any) -> tuple[optax.Gr
     from diffax.training.state import make_optimizer
 
     tx = make_optimizer(config.optimizer, config.training.num_steps)
-    abstract = jax.eval_shape(lambda: init_state(diffusion, tx))
+    abstract = jax.eval_shape(lambda: init_state(diffusion, tx, len(config.training.posthoc_ema)))
     return tx, abstract, parallel.param_sharding(mesh, abstract, config.mesh.fsdp_min_size)
 
 
@@ -47,32 +50,27 @@ def make_train_step(
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
     config: Any,
+    value_and_grad: Callable | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """One optimizer step (or `steps_per_dispatch` of them) as a pure function."""
+    """One optimizer step (or `steps_per_dispatch` of them) as a pure function.
+
+    value_and_grad(params, batch, key, step) -> ((loss, aux), grads) is the diffusion loss
+    of `diffusion` unless given (the autoencoder trainer passes its own, diffax/training/autoencoder.py).
+    """
     t = config.training
-    loss_fn = objectives.make_loss_fn(
-        config.diffusion,
-        diffusion.parameterization,
-        num_classes=diffusion.num_classes,
-        learn_sigma=bool(config.model.learn_sigma),
-    )
+    posthoc_gammas = [float(g) for g in posthoc_ema.gamma_of_sigma_rel(list(t.posthoc_ema))]
     stop_on_bad = t.nan_policy == "stop"
     if t.nan_policy not in ("stop", "skip"):
         raise ValueError(f"config.training.nan_policy={t.nan_policy!r}: use 'stop' or 'skip'.")
+    if value_and_grad is None:
+        value_and_grad = _diffusion_value_and_grad(diffusion, config)
 
     def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        noise_key, dropout_key = jax.random.split(step_key(config.seed, state.step))
-        labels = batch.get("label") if diffusion.num_classes else None
-
-        def loss(params):
-            apply = diffusion.apply_fn(params, dropout_key)
-            per_example, aux = loss_fn(apply, diffusion.schedule(params), batch["image"], noise_key, labels)
-            return jnp.mean(per_example), aux
-
-        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+        (value, aux), grads = value_and_grad(state.params, batch, step_key(config.seed, state.step), state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = update_ema(state.ema, params, ema_decay(state.step, t.ema_decay, t.ema_warmup))
+        profiles = posthoc_ema.update(state.posthoc_ema, params, state.step, posthoc_gammas)
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
@@ -85,6 +83,7 @@ def make_train_step(
             ema=choose(ema, state.ema),
             opt_state=choose(opt_state, state.opt_state),
             first_bad_step=jnp.where(~finite & (state.first_bad_step < 0), state.step, state.first_bad_step),
+            posthoc_ema=choose(profiles, state.posthoc_ema),
         )
         metrics = {
             "loss": value,
@@ -103,3 +102,26 @@ def make_train_step(
         return state, jax.tree.map(jnp.mean, metrics)
 
     return many_steps
+
+
+def _diffusion_value_and_grad(diffusion: Diffusion, config: Any) -> Callable:
+    """((mean diffusion loss, aux), grads) of one batch: the loss of diffax/objectives.py."""
+    loss_fn = objectives.make_loss_fn(
+        config.diffusion,
+        diffusion.parameterization,
+        num_classes=diffusion.num_classes,
+        learn_sigma=bool(config.model.learn_sigma),
+    )
+
+    def value_and_grad(params: Any, batch: dict, key: jax.Array, step: jax.Array) -> tuple[tuple, Any]:
+        noise_key, dropout_key = jax.random.split(key)
+        labels = batch.get("label") if diffusion.num_classes else None
+
+        def loss(params):
+            apply = diffusion.apply_fn(params, dropout_key)
+            per_example, aux = loss_fn(apply, diffusion.schedule(params), batch["image"], noise_key, labels)
+            return jnp.mean(per_example), aux
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    return value_and_grad

@@ -1,0 +1,144 @@
+"""`diffax encode-data --config C --output DIR`: encode a data set once with config.autoencoder.path.
+
+Writes the latent cache that `config.data.name="latents:DIR"` trains on (format in
+diffax/data/latents.py). The examples are cut into shards of `shard_size`; process p of P
+encodes shards p, p + P, ... with its local devices (the batch split over them). Each shard is
+written to a temporary file and renamed when complete, so after a kill the same command encodes
+only the shards that are missing. Images go through the same decode / channel / resize steps as
+training (no flips, no dequantisation).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diffax.data import latents, pipeline, sources
+
+
+def check_images(config: Any, *, in_channels: int, downsampling: int) -> None:
+    """The config's images must fit the autoencoder: channel count and a size divisible by its factor."""
+    d = config.data
+    if int(d.channels) != in_channels:
+        raise ValueError(
+            f"config.data.channels={d.channels} but the autoencoder {config.autoencoder.path!r} takes {in_channels}-"
+            f"channel images: set config.data.channels={in_channels}."
+        )
+    if int(d.image_size) % downsampling:
+        raise ValueError(
+            f"config.data.image_size={d.image_size} is not divisible by the autoencoder's downsampling factor "
+            f"{downsampling}: use a multiple of {downsampling}."
+        )
+
+
+def encode_data(config: Any, output: str, *, shard_size: int = 4096, batch_size: int = 256,
+                progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Encode config.data with config.autoencoder.path into the cache `output`; returns its meta.json contents."""
+    from diffax.models.diffusers_vae import load_diffusers_autoencoder, weights_sha256
+
+    a, d = config.autoencoder, config.data
+    if not a.path:
+        raise ValueError("config.autoencoder.path is empty: name the diffusers AutoencoderKL folder to encode with.")
+    if d.random_flip:
+        raise ValueError("config.data.random_flip=True: flips are not encoded into latent caches; set it to False.")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"--shard_size={shard_size} and --batch_size={batch_size} must be positive.")
+    model, scaling = load_diffusers_autoencoder(a.path)
+    in_channels = model.encoder.conv_in.kernel.shape[2]
+    check_images(config, in_channels=in_channels, downsampling=model.downsampling)
+    source = sources.get_source(config)
+    if source.kind != "image" or source.records is None:
+        raise ValueError(f"config.data.name={d.name!r} is not a finite image data set; encode-data needs one.")
+
+    n = len(source.records)
+    count = max(1, math.ceil(n / shard_size))
+    side = int(d.image_size) // model.downsampling
+    meta = dict(
+        format=latents.FORMAT,
+        autoencoder=dict(path=os.path.abspath(a.path), sha256=weights_sha256(a.path)),
+        scaling=dict(scale=scaling.scale, shift=scaling.shift),
+        latent_shape=[side, side, model.latent_channels],
+        num_examples=n,
+        shard_size=int(shard_size),
+        num_shards=count,
+        num_classes=int(source.num_classes),
+        data=dict(name=str(d.name), split=str(d.split), image_size=int(d.image_size), channels=int(d.channels),
+                  resize=str(d.resize)),  # fmt: skip
+    )
+    _write_or_check_meta(output, meta)
+
+    transform = pipeline.ExampleTransform(
+        decode=source.decode, describe=source.describe, kind="image", image_size=int(d.image_size),
+        channels=int(d.channels), resize=str(d.resize), random_flip=False, dequantize=False, skip_bad=False, seed=0,
+    )  # fmt: skip
+    devices = jax.local_devices()
+    sharding = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, replicated)
+    encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x), out_shardings=(sharding, sharding))
+    chunk = math.ceil(batch_size / len(devices)) * len(devices)
+
+    p, pc = jax.process_index(), jax.process_count()
+    mine = [i for i in range(p, count, pc)]
+    todo = [i for i in mine if not os.path.exists(latents.shard_path(output, i, count))]
+    bar = None
+    if progress and p == 0:
+        from tqdm import tqdm
+
+        done = sum(min(shard_size, n - i * shard_size) for i in mine if i not in todo)
+        total = sum(min(shard_size, n - i * shard_size) for i in mine)
+        bar = tqdm(total=total, initial=done, unit="img", desc=f"encode-data -> {output}", disable=None)
+    for i in todo:
+        rows = range(i * shard_size, min((i + 1) * shard_size, n))
+        examples = [transform(j, source.records[j]) for j in rows]
+        images = np.stack([e["image"] for e in examples])
+        means, stds = [], []
+        for start in range(0, len(images), chunk):
+            x = images[start : start + chunk]
+            pad = (-len(x)) % len(devices)
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+            mean, logvar = encode(state, jax.device_put(x, sharding))
+            keep = len(x) - pad
+            means.append(np.asarray(mean)[:keep])
+            stds.append(np.exp(0.5 * np.asarray(logvar))[:keep])
+            if bar is not None:
+                bar.update(keep)
+        path = latents.shard_path(output, i, count)
+        tmp = os.path.join(output, f".tmp-{p}-{os.path.basename(path)}")
+        with open(tmp, "wb") as f:
+            np.savez(f, mean=np.concatenate(means).astype(np.float32), std=np.concatenate(stds).astype(np.float32),
+                     label=np.array([e["label"] for e in examples], np.int32))  # fmt: skip
+        os.replace(tmp, path)  # a shard exists only once it is complete
+    if bar is not None:
+        bar.close()
+    return meta
+
+
+def _write_or_check_meta(output: str, meta: dict[str, Any]) -> None:
+    """Write meta.json, or check that the one already there describes the same cache (a resumed run)."""
+    path = os.path.join(output, latents.META_NAME)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(meta)):
+            diffs = sorted(k for k in set(old) | set(meta) if old.get(k) != json.loads(json.dumps(meta)).get(k))
+            raise ValueError(
+                f"{output} holds a latent cache of other settings ({', '.join(diffs)} differ): "
+                "use a new --output, or delete it to re-encode."
+            )
+        return
+    if jax.process_index() == 0:
+        os.makedirs(output, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, path)
+    else:
+        os.makedirs(output, exist_ok=True)
