@@ -41,7 +41,7 @@ def test_sweep_records_each_length_and_names_the_best(tmp_path, monkeypatch, cap
 
         shape = tuple(data.data_shape(config))
 
-        def draw(num_samples, seed, batch_size=None):
+        def draw(num_samples, seed, batch_size=None, progress=False):
             return samplers.draw_samples(sample_fn, num_samples, batch_size, shape, seed, progress=False)
 
         return types.SimpleNamespace(step=200, draw=draw, diffusion=types.SimpleNamespace(data_shape=shape))
@@ -52,7 +52,7 @@ def test_sweep_records_each_length_and_names_the_best(tmp_path, monkeypatch, cap
     def feature_fn(images):
         return {"features": images.reshape(len(images), -1).astype(np.float64) / 255.0 @ projection}
 
-    space = job.FeatureSpace("random-projection", feature_fn, 16, {"fid": "fd_test"}, "reference_stats_test.npz")
+    space = job.FeatureSpace("random-projection", "none", feature_fn, 16, {"fid": "fd_test"}, "reference_stats_test.npz")
     monkeypatch.setattr(job, "feature_space", lambda config, cache_dir: space)
     records = ema_sweep.run(config(), workdir, [0.12, 0.03, 0.08, 0.05])
     assert loads == [(None, s) for s in (0.03, 0.05, 0.08, 0.12)]
@@ -64,6 +64,10 @@ def test_sweep_records_each_length_and_names_the_best(tmp_path, monkeypatch, cap
     with open(os.path.join(workdir, "eval", "posthoc_ema.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # The per-checkpoint evaluation neither counts these records as done nor plots them against the step.
-    settings = job._settings(config(), types.SimpleNamespace(name=stored[0]["feature_space"]))
+    settings = job._settings(config(), types.SimpleNamespace(name=stored[0]["feature_space"], protocol="none"))
     assert job._done_steps(workdir, settings) == set()
     assert job.plot_results(workdir) is None
+    # A second sweep (a resumed job) finds every length scored and adds nothing.
+    again = ema_sweep.run(config(), workdir, [0.05, 0.08])
+    assert [r["metrics"] for r in again] == [r["metrics"] for r in stored if r["ema_sigma_rel"] in (0.05, 0.08)]
+    assert len(job.read_results(workdir)) == len(stored)

@@ -27,17 +27,25 @@ def run(config: Any, workdir: str, sigma_rels: Sequence[float], *, step: int | N
     os.makedirs(job.eval_dir(workdir), exist_ok=True)
     space = job.feature_space(config, job.eval_dir(workdir)) if is_main else None
     ref = job.reference_stats(config, workdir, space) if is_main else None
+    settings = {**job._settings(config, space), "use_ema": "posthoc"} if is_main else {}
     records = []
     for sigma_rel in sorted(sigma_rels):
         t0 = time.time()
         inf = inference.load(workdir, step, config=config, ema_sigma_rel=sigma_rel)
-        images = job._draw(config, inf)
-        if not is_main:  # the other processes only sample their share
+        done = _done(workdir, settings, int(inf.step), float(sigma_rel)) if is_main else None
+        if done is not None and jax.process_count() == 1:  # a resumed sweep skips the lengths it scored
+            print(f"step {inf.step}, sigma_rel {sigma_rel:g}: already in results.jsonl", flush=True)
+            records.append(done)
             continue
-        result = job.score(images, space, ref, config)
-        record = {"step": int(inf.step), **job._settings(config, space), "use_ema": "posthoc",
-                  "ema_sigma_rel": float(sigma_rel), "metrics": result, "wall_time_s": round(time.time() - t0, 3),
-                  "time": time.time()}
+        timer = [0.0]
+        chunks = job._sample_chunks(config, inf, timer)
+        if not is_main:  # the other processes only sample their share
+            for _ in chunks:
+                pass
+            continue
+        result = job.score_stream(chunks, [space], [ref], config)
+        record = {"step": int(inf.step), **settings, "ema_sigma_rel": float(sigma_rel), "metrics": result,
+                  "sample_time_s": round(timer[0], 3), "wall_time_s": round(time.time() - t0, 3), "time": time.time()}
         job._append(workdir, record)
         records.append(record)
         print(f"step {inf.step}, sigma_rel {sigma_rel:g}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()),
@@ -50,6 +58,14 @@ def run(config: Any, workdir: str, sigma_rels: Sequence[float], *, step: int | N
         print(f"best sigma_rel at step {best['step']}: {best['ema_sigma_rel']:g} ({name} "
               f"{best['metrics'][name]:.4g}); plot in {path}", flush=True)
     return records
+
+
+def _done(workdir: str, settings: dict, step: int, sigma_rel: float) -> dict | None:
+    """The record of this step and sigma_rel with the same settings, if results.jsonl has one."""
+    for r in job.read_results(workdir):
+        if r["step"] == step and r.get("ema_sigma_rel") == sigma_rel and all(r.get(k) == v for k, v in settings.items()):
+            return r
+    return None
 
 
 def plot(workdir: str, records: list[dict], metric: str) -> str:
