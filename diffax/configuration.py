@@ -53,7 +53,11 @@ def _tuples(x: Any) -> Any:
 
 
 def load(path: str) -> ml_collections.ConfigDict:
-    """Read a config written by `save` (lists come back as tuples, as configs write them)."""
+    """Read a config written by `save` (lists come back as tuples, as configs write them).
+
+    A config written by an older diffax is brought up to date (`upgrade`): fields added
+    since take their defaults, fields removed since are dropped.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -61,7 +65,55 @@ def load(path: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"No config at {path}: pass --config, or point --workdir at a diffax run.") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not a valid diffax config (JSON error: {e}).") from None
-    return ml_collections.ConfigDict(_tuples(data))
+    return ml_collections.ConfigDict(_tuples(upgrade(data, path)))
+
+
+# Fields diffax no longer has, with the value that behaves as diffax does now.
+REMOVED_FIELDS = {"model.conv_impl": "xla"}
+
+
+def upgrade(data: dict[str, Any], path: str = "config.json") -> dict[str, Any]:
+    """A config dict written by an older diffax, as today's diffax reads it.
+
+    Fields added since it was written take configs/default.py's values (a field is
+    added with a default that keeps the old behaviour); removed fields are dropped
+    when they hold the value that behaves as diffax does now, else refused.
+    """
+    data = json.loads(json.dumps(data))
+    for key, now in REMOVED_FIELDS.items():
+        *parents, name = key.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and name in node:
+            if node[name] != now:
+                raise ValueError(f"{path} sets {key}={node[name]!r}, which this diffax no longer supports "
+                                 f"(only {now!r}): start a new run, or edit the file.")
+            del node[name]
+    defaults = default_config()
+    return _fill(data, defaults) if defaults else data
+
+
+def _fill(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    for k, v in defaults.items():
+        if k not in data:
+            data[k] = v
+        elif isinstance(v, dict) and isinstance(data[k], dict):
+            _fill(data[k], v)
+    return data
+
+
+def default_config() -> dict[str, Any] | None:
+    """configs/default.py's config as a dict, from the checkout diffax runs from; None without one."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+    if not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location("diffax_default_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return to_dict(module.get_config())
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

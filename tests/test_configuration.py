@@ -29,6 +29,21 @@ def test_differences_ignore_only_resumable_fields():
     assert configuration.differences(a, configuration.to_dict(b)) == ["optimizer.learning_rate: 0.002 -> 1.0"]
 
 
+def test_a_config_of_an_older_diffax_is_brought_up_to_date(tmp_path):
+    old = configuration.to_dict(digits.get_config())
+    del old["diffusion"]["logit_std"]  # written by a diffax without these fields
+    del old["autoencoder"]
+    old["model"]["conv_impl"] = "xla"  # and with one since removed
+    path = tmp_path / "config.json"
+    path.write_text(__import__("json").dumps(old))
+    loaded = configuration.load(str(path))
+    assert configuration.differences(configuration.to_dict(loaded), configuration.to_dict(digits.get_config())) == []
+    old["model"]["conv_impl"] = "rows"  # a removed behaviour cannot be resumed
+    path.write_text(__import__("json").dumps(old))
+    with pytest.raises(ValueError, match=r"model.conv_impl='rows', which this diffax no longer supports"):
+        configuration.load(str(path))
+
+
 def test_cifar10_config_is_the_ddpm_paper_setup():
     c = cifar10_ddpm.get_config()
     assert (c.model.channels, c.model.channel_mult, c.model.num_res_blocks) == (128, (1, 2, 2, 2), 2)

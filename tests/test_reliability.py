@@ -135,6 +135,41 @@ def test_training_resumes_past_a_damaged_checkpoint_bit_identical(run, reference
     assert losses(run) == pytest.approx(losses(reference), rel=1e-6)
 
 
+def test_when_no_checkpoint_restores_the_run_stops_once_then_starts_over(run, reference, capsys):
+    for step in (8, 16, 24):
+        truncate_data_files(str(run), step)
+    with pytest.raises(UserError, match=r"None of the checkpoints .* \(steps \[8, 16, 24\]\) could be restored"):
+        trainer.train(toy_config(), str(run))
+    assert checkpoint_steps(run) == []  # all set aside, none deleted
+    assert len([n for n in os.listdir(run / "checkpoints") if "damaged" in n]) == 3
+    trainer.train(toy_config(), str(run))  # asked again: trains from step 0
+    assert_same_state(final_state(run), final_state(reference))
+
+
+def test_a_checkpoint_of_an_older_diffax_restores(run, reference, tmp_path):
+    """A TrainState field added since a checkpoint was written (posthoc_ema) is absent from it."""
+    import dataclasses
+
+    import orbax.checkpoint as ocp
+
+    from diffax import parallel
+    from diffax.training import checkpoint
+    from diffax.training.build import build
+    from diffax.training.step import state_layout
+
+    config = toy_config()
+    _, abstract, shardings = state_layout(build(config), config, parallel.make_mesh(config.mesh))
+    ckpt = checkpoint.Checkpointer(str(run), 10, async_save=False)
+    state = ckpt.restore(24, checkpoint.abstract_like(abstract, shardings))
+    ckpt.close()
+    old = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "posthoc_ema"}
+    shutil.rmtree(run / "checkpoints" / "24" / "state")
+    ocp.PyTreeCheckpointer().save(str(run / "checkpoints" / "24" / "state"), old)
+    assert "posthoc_ema" not in os.listdir(run / "checkpoints" / "24" / "state")
+    assert_same_state(final_state(run), final_state(reference))
+    assert inference.load(str(run)).step == 24
+
+
 def test_a_restart_writes_the_missing_final_grid(run):
     os.remove(run / "samples" / f"step_{STEPS:08d}.png")  # killed between the last checkpoint and the grid
     trainer.train(toy_config(), str(run))

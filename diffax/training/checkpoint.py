@@ -15,6 +15,7 @@ naming the first array that differs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -188,13 +189,14 @@ class Checkpointer:
         Checks first (see `check`); any failure of the restore itself means a damaged checkpoint.
         """
         self.check(step, abstract_state, data_iterator)
-        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_state)
-        items = {"state": ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args)}
+        target, fill = _saved_fields(self.step_dir(step), abstract_state)
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+        items = {"state": ocp.args.PyTreeRestore(target, restore_args=restore_args)}
         # An imported checkpoint (diffax import-diffusers) has no data position: the data starts afresh.
         if data_iterator is not None and os.path.isdir(os.path.join(self.step_dir(step), "data")):
             items["data"] = grain.checkpoint.CheckpointRestore(_DataStateAdapter(data_iterator))
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            return fill(self.manager.restore(step, args=ocp.args.Composite(**items))["state"])
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - shapes and metadata were fine, so the files are damaged
@@ -220,6 +222,28 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _saved_fields(path: str, abstract_state: Any) -> tuple[Any, Any]:
+    """The restore target and a function completing what it restores, for a checkpoint of an older diffax.
+
+    A TrainState field added since (e.g. posthoc_ema) that holds no arrays in this config
+    (its value is empty) is absent from such a checkpoint: it is left out of the target and
+    put back, empty, after the restore. Any other difference is for `check` to report.
+    """
+    if not dataclasses.is_dataclass(abstract_state):
+        return abstract_state, lambda state: state
+    try:
+        saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(os.path.join(path, "state")))
+        saved = getattr(saved, "tree", saved)
+    except Exception:  # noqa: BLE001 - `check` already read it; a failure here surfaces in the restore
+        return abstract_state, lambda state: state
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    absent = {k: v for k, v in fields.items() if isinstance(saved, dict) and k not in saved and not jax.tree.leaves(v)}
+    if not absent:
+        return abstract_state, lambda state: state
+    target = {k: v for k, v in fields.items() if k not in absent}
+    return target, lambda state: type(abstract_state)(**state, **absent)
 
 
 def _first_line(error: BaseException) -> str:

@@ -173,7 +173,12 @@ def _set_up(config: Any, workdir: str) -> _Run:
             grids = autoencoder.Reconstructions(diffusion, config, workdir)
         else:
             grids = SampleGrids(diffusion, config, mesh, workdir, state_shardings.ema, abstract.ema)
+        saved = ckpt.manager.all_steps()
         start, state = checkpoint.restore_newest(ckpt, checkpoint.abstract_like(abstract, state_shardings), iterator)
+        if saved and start is None:  # never start over silently in place of a long run
+            raise UserError(f"None of the checkpoints of {workdir} (steps {sorted(saved)}) could be restored; each "
+                            "was set aside as <step>.damaged (the warnings above say why). Run the same command "
+                            "again to train from step 0 in this workdir, or use a new --workdir.")
     except BaseException:
         ckpt.close()
         raise

@@ -72,7 +72,8 @@ def check_config(workdir: str, config: Any, *, force: bool = False) -> list[str]
 
     An existing `config.json` that differs from `config` (in anything but how
     long to train, how often to log and how to sample) is refused unless
-    `force`. Writes nothing.
+    `force`. A config.json of an older diffax is first brought up to date
+    (configuration.upgrade). Writes nothing.
     """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
