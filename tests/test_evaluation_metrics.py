@@ -163,10 +163,15 @@ def test_stats_files_round_trip_and_formats(tmp_path):
     np.savez(tmp_path / "pf.npz", mu=mu, sigma=sigma)
     r = statistics.load_stats(str(tmp_path / "pf.npz"), feature_space="anything")
     assert r["features"] is None and r["feature_space"] == ""
-    # EDM2-style pickle, nested under "fid".
+    # EDM2's dataset-refs pickle: {num_images, fid: {mu, sigma}, fd_dinov2: {mu, sigma}}.
     with open(tmp_path / "edm.pkl", "wb") as f:
-        pickle.dump({"fid": {"mu": mu, "sigma": sigma}}, f)
+        pickle.dump({"num_images": 50000, "fid": {"mu": mu, "sigma": sigma}, "fd_dinov2": {"mu": mu[:2]}}, f)
     np.testing.assert_array_equal(statistics.load_stats(str(tmp_path / "edm.pkl"))["sigma"], sigma)
+    # A pickle that would run code is refused, and the code does not run.
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"fid": {"mu": mu, "sigma": sigma}, "x": os.system}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        statistics.load_stats(str(tmp_path / "evil.pkl"))
     np.savez(tmp_path / "bad.npz", mean=mu)
     with pytest.raises(ValueError, match="mu"):
         statistics.load_stats(str(tmp_path / "bad.npz"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -117,6 +117,25 @@ def save_stats(
     os.replace(tmp, path)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Reads pickles of dicts of numpy arrays (EDM2's dataset-refs/*.pkl); refuses any other global, so no
+    code from the file runs."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict")}
+
+    def __init__(self, file: Any, path: str):
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{self._path}: refusing to load {module}.{name}; a statistics pickle holds "
+                                     "only dicts of numpy arrays (as EDM2's dataset-refs/*.pkl do).")
+
+
 def load_stats(path: str, *, feature_space: str = "") -> dict[str, np.ndarray | str | int | None]:
     """Read a statistics file: .npz (pytorch-fid / clean-fid / EDM / diffax) or an EDM2-style .pkl.
 
@@ -128,7 +147,7 @@ def load_stats(path: str, *, feature_space: str = "") -> dict[str, np.ndarray | 
     """
     if path.endswith((".pkl", ".pickle")):
         with open(path, "rb") as f:
-            data = pickle.load(f)  # a local file the user named; pickles can run code
+            data = _ArraysOnly(f, path).load()
         if "mu" not in data and "fid" in data:
             data = data["fid"]
         data = {k: np.asarray(v) for k, v in data.items()}
