@@ -109,3 +109,15 @@ def test_workdir_overrides_are_typed_and_checked():
         configuration.apply_overrides(config, ["--config.training.num_steps=many"])
     with pytest.raises(ValueError, match="true or false"):
         configuration.apply_overrides(config, ["--config.data.random_flip=maybe"])
+
+
+def test_flow_recipe_with_image_tokens_applies_fluxs_shift_to_training_and_sampling():
+    import math
+
+    from configs import flow_matching
+
+    config = flow_matching.rectified_flow(digits.get_config(), image_tokens=1024)
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (1024 - 256)  # diffusers' FluxPipeline calculate_shift
+    assert config.diffusion.time_shift == pytest.approx(math.exp(mu), rel=1e-6)
+    assert config.sampling.shift == config.diffusion.time_shift
+    assert flow_matching.rectified_flow(digits.get_config()).diffusion.time_shift == 1.0
