@@ -6,6 +6,8 @@ After `configs/digits_autoencoder.py` has trained (it writes runs/digits_ae/auto
 The default variant describes the 16x16 digits as the autoencoder saw them (what encode-data
 reads); `:train` reads the cache, config.data.name="latents:runs/digits_latents". Samples,
 `diffax sample` and `diffax eval` (fd_digits) are decoded 16x16 images.
+`:pixel` is the same network, steps and batch on the 16x16 pixels themselves: the baseline whose
+fd_digits the README gives beside the latent model's.
 """
 from configs import default
 
@@ -14,19 +16,19 @@ CACHE = "runs/digits_latents"
 
 def get_config(variant: str = "encode"):
     config = default.get_config()
-    config.data.name = "digits" if variant == "encode" else f"latents:{CACHE}"
+    config.data.name = f"latents:{CACHE}" if variant == "train" else "digits"
     config.data.image_size = 16
     config.data.resize = "resize"
     config.data.channels = 1
-    config.autoencoder.path = "runs/digits_ae/autoencoder"
+    config.autoencoder.path = "" if variant == "pixel" else "runs/digits_ae/autoencoder"
     config.model.channels = 32
     config.model.channel_mult = (1, 2)
-    config.model.attention_resolutions = (2,)  # the 2x2 level of the 4x4 latents
+    config.model.attention_resolutions = (2,) if variant != "pixel" else (8,)  # the second level: 2x2 latents, 8x8 pixels
     config.training.batch_size = 64
     config.training.num_steps = 1000
     config.training.log_every = 200
     config.training.checkpoint_every = 500
     config.training.sample_every = 500
-    if variant not in ("encode", "train"):
-        raise ValueError(f"configs/digits_latent.py variants: encode, train (got {variant!r})")
+    if variant not in ("encode", "train", "pixel"):
+        raise ValueError(f"configs/digits_latent.py variants: encode, train, pixel (got {variant!r})")
     return config
