@@ -135,6 +135,33 @@ def test_images_that_do_not_fit_the_autoencoder_are_refused(tmp_path):
         data.data_shape(latent_config(str(tmp_path / "nothing")))
 
 
+def test_a_latent_runs_grid_is_checked_before_step_1_and_draws_the_decoded_latents(cache):
+    """The trainer's sample grid of a latent run (traced before step 1) draws the sampler's latents decoded."""
+    import jax
+
+    from diffax import parallel, samplers
+    from diffax.training import inference, trainer
+    from diffax.training.build import build
+    from diffax.training.step import state_layout
+
+    config = latent_config(cache)
+    config.model.update(channels=8, channel_mult=(1,), attention_resolutions=(), norm_groups=4)
+    config.sampling.update(steps=2, num_samples=4, batch_size=4)
+    d = build(config)
+    mesh = parallel.make_mesh(config.mesh)
+    _, abstract, shardings = state_layout(d, config, mesh)
+    grids = trainer.SampleGrids(d, config, mesh, "unused", shardings.ema, abstract.ema)
+    run = inference.Inference(config=config, step=0, diffusion=d, params=d.params, mesh=mesh, _sample=grids.sample)
+    noise = np.random.default_rng(0).standard_normal((4, 4, 4, 4)).astype(np.float32)
+    images = run.draw(4, seed=0, noise=noise, progress=False)["images"]
+    assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
+    z = samplers.make_sampler(config)(d.schedule(d.params), d.parameterization, d.apply_fn(d.params),
+                                      jnp.asarray(noise), jax.random.key(0))  # DDIM, eta 0: the key is unused
+    model, scaling = load_diffusers_autoencoder(SD)
+    expected = np.round(np.clip((np.asarray(model.decode(scaling.from_latent(z))) + 1) * 127.5, 0, 255))
+    assert np.abs(images.astype(np.int32) - expected).max() <= 1
+
+
 @pytest.mark.slow
 def test_dit_small_trains_samples_and_evaluates_in_latent_space(tmp_path):
     """configs/imagenet256_dit.py:small end to end: encode, train on latents, decoded samples, refusals."""

@@ -38,7 +38,14 @@ def make_sample_fn(diffusion: Diffusion, config: Any, mesh: Any, param_shardings
     decode = latent.make_decoder(config, batch)  # latent runs: samples are decoded pixels
     if decode is None:
         return sample_fn
-    return lambda params, noise, key, labels: decode(sample_fn(params, noise, key, labels))
+
+    def sample_and_decode(params, noise, key, labels):
+        return decode(sample_fn(params, noise, key, labels))
+
+    # The jitted sampler alone, for tracing it with jax.eval_shape: a jit with compiler options
+    # may not be traced inside another function.
+    sample_and_decode.sampler = sample_fn
+    return sample_and_decode
 
 
 def default_labels(num_samples: int, num_classes: int) -> np.ndarray | None:

@@ -83,7 +83,7 @@ class SampleGrids:
         # Trace the sampler once now, so a bad sampling setting stops the run before step 1, not at the first grid.
         n = mesh.size
         labels = jax.ShapeDtypeStruct((n,), jnp.int32) if self.num_classes else None
-        jax.eval_shape(self.sample, abstract_params, jax.ShapeDtypeStruct((n, *self.shape), jnp.float32),
+        jax.eval_shape(getattr(self.sample, "sampler", self.sample), abstract_params, jax.ShapeDtypeStruct((n, *self.shape), jnp.float32),
                        jax.eval_shape(lambda: jax.random.key(0)), labels)
 
     metrics: dict[str, float] = {}  # nothing to log beside the picture (autoencoder.Reconstructions logs errors)
