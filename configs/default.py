@@ -223,5 +223,7 @@ def get_config() -> ml_collections.ConfigDict:
     e.kid_reference_features = 10000  # feature rows kept in reference stats files for KID (random subset)
     e.is_splits = 10  # Inception Score splits (Salimans et al. 2016)
     e.watch_interval = 60.0  # --watch: seconds between polls for new checkpoints
+    e.prompts = ""  # text models: a file of FID prompts, one per line; "" = the data set's own captions
+    e.prompt_fidelity_per_digit = 50  # text models on digits: samples per digit for prompt fidelity (at w = 1, 2, 4)
     e.watch_timeout = 0.0  # --watch: give up after this many seconds without a new checkpoint; 0 = never
     return c
