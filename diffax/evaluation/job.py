@@ -392,13 +392,13 @@ def _sample_chunks(config: Any, inf: Any, timer: list[float]) -> Iterator[np.nda
     total, bs = int(config.eval.num_samples), int(config.eval.batch_size)
     chunk = bs * SAMPLE_CHUNK_BATCHES
     bar = tqdm(total=total, desc="sampling + features", unit="img", disable=jax.process_index() != 0)
-    prompts = _eval_prompts(config, total) if inf.is_text else None
+    prompts = _eval_prompts(config, total) if getattr(inf, "is_text", False) else None
     for c, lo in enumerate(range(0, total, chunk)):
         seed = int(np.random.SeedSequence([_eval_seed(config), c]).generate_state(1)[0] % 2**31)
         t0 = time.time()
         n = min(chunk, total - lo)
-        tokens = None if prompts is None else inf.prompt_tokens(prompts[lo:lo + n])
-        images = inf.draw(n, seed, batch_size=bs, labels=tokens, progress=False)["images"]
+        text = {} if prompts is None else {"labels": inf.prompt_tokens(prompts[lo:lo + n])}
+        images = inf.draw(n, seed, batch_size=bs, progress=False, **text)["images"]
         timer[0] += time.time() - t0
         yield images if images.dtype == np.uint8 else statistics.to_uint8(images)
         bar.update(len(images))
