@@ -94,3 +94,25 @@ def test_guidance_is_one_batched_mix_of_prompt_and_empty_prompt(trained):
     out = guided(z, t, cond)
     np.testing.assert_allclose(out.eps, u.eps + 3.0 * (c.eps - u.eps), atol=1e-4)
     np.testing.assert_allclose(out.x0, u.x0 + 3.0 * (c.x0 - u.x0), atol=1e-4)
+
+
+def test_a_frozen_encoder_is_not_updated(trained):
+    """text_trainable=False (a pretrained encoder's default): no gradient reaches it and the optimizer
+    leaves it alone, while the network trains."""
+    import dataclasses
+
+    config, diffusion, params, tok = trained
+    frozen = dataclasses.replace(diffusion, text_trainable=False, params=params)
+    tx, _, _ = state_layout(frozen, config, parallel.make_mesh(config.mesh))
+    state = init_state(frozen, tx)
+    step = jax.jit(make_train_step(frozen, tx, learning_rate_schedule(config.optimizer, 200), config),
+                   compiler_options={"xla_backend_optimization_level": 0})
+    tokens = text.tokens_of(tok, CAPTIONS * 16)
+    batch = {"image": jnp.ones((32, 4, 4, 1)), "label": jnp.zeros(32, jnp.int32), "tokens": jnp.asarray(tokens)}
+    for _ in range(12):  # past the learning-rate warm-up's zero
+        new, _ = step(state, batch)
+        state = new
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.params["text"], params["text"])
+    assert all(jax.tree.leaves(same))
+    moved = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.params["net"], params["net"])
+    assert not all(jax.tree.leaves(moved))
