@@ -1,4 +1,4 @@
-"""A text-to-image run end to end: `diffax train` on captioned digits with the small encoder writes its
+"""(slow: a real `diffax train`, about a minute on 2 busy cores) A text-to-image run end to end: `diffax train` on captioned digits with the small encoder writes its
 tokenizer and the preview prompts, resumes bit-exactly, and `diffax sample` takes prompts; the prompt
 errors; prompt fidelity's bookkeeping."""
 import os
@@ -33,6 +33,7 @@ def straight(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_the_run_keeps_its_tokenizer_and_prompts(straight):
     from diffax.models.text.small import WordTokenizer
 
@@ -52,6 +53,7 @@ def test_resume_is_bit_exact(straight, tmp_path):
     runs.assert_same_state(runs.final_state(straight), runs.final_state(resumed))
 
 
+@pytest.mark.slow
 def test_sample_with_prompts_and_without(straight, tmp_path):
     out = str(tmp_path / "out")
     cli.run(["diffax", "sample", f"--workdir={straight}", f"--output={out}", "--num_samples=3", "--prompt=number 7",
