@@ -76,8 +76,59 @@ def test_small_encoder_ignores_padding_and_pools_the_masked_mean():
     enc = SmallTextEncoder(vocab_size=16, max_length=6, width=16, depth=2, heads=2, rngs=nnx.Rngs(0))
     ids = jnp.asarray([[2, 5, 6, 3, 0, 0], [2, 5, 6, 3, 9, 9]], jnp.int32)
     mask = jnp.asarray([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]], jnp.int32)
-    emb = enc(ids, mask)
+    graphdef, state = nnx.split(enc)
+    emb = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))(state, ids, mask)
     # what sits in the padding does not change the real tokens' states
     np.testing.assert_allclose(emb.hidden[0, :4], emb.hidden[1, :4], atol=1e-6)
     np.testing.assert_allclose(emb.pooled, emb.hidden[:, :4].mean(axis=1), atol=1e-6)
     assert emb.hidden.shape == (2, 6, 16)
+
+
+# ----------------------------------------------------------------------------- networks with text
+
+
+@pytest.mark.parametrize("name", ["unet", "dit"])
+def test_networks_read_the_unmasked_text_and_the_pooled_vector(name):
+    """With every weight perturbed off its (zero) initialisation: the text at masked positions changes
+    nothing, the text at real positions and the pooled vector change the output."""
+    from configs import default
+    from diffax import models
+
+    cfg = default.get_config().model
+    cfg.name = name
+    cfg.update(dict(channels=8, channel_mult=(1, 2), attention_resolutions=(4,), norm_groups=4, num_heads=2,
+                    hidden_size=16, depth=1, patch_size=4))
+    net = models.build_model(cfg, data_shape=(8, 8, 1), num_classes=0, rngs=nnx.Rngs(0), context_dim=12,
+                             pooled_dim=6)
+    graphdef, params = nnx.split(net)
+    r = np.random.default_rng(1)  # on the host: jax.random compiles a program per shape
+    params = jax.tree.map(lambda p: p + np.float32(0.1) * r.standard_normal(p.shape, np.float32), params)
+    g = jax.jit(lambda params, x, ctx, mask, pooled: nnx.merge(graphdef, params)(  # weights as an argument:
+        x, jnp.full((2,), 0.3), context=ctx, context_mask=mask, pooled=pooled))  # no constant folding
+    f = lambda *args: g(params, *args)  # noqa: E731
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.normal(size=(2, 8, 8, 1)), jnp.float32)
+    ctx = r.normal(size=(2, 5, 12)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)
+    pooled = r.normal(size=(2, 6)).astype(np.float32)
+    base = np.asarray(f(x, ctx, mask, pooled))
+    padded = ctx.copy()
+    padded[0, 3:] += 5.0
+    np.testing.assert_allclose(f(x, padded, mask, pooled)[0], base[0], atol=1e-5)
+    real = ctx.copy()
+    real[0, 1] += 1.0
+    assert np.abs(np.asarray(f(x, real, mask, pooled))[0] - base[0]).max() > 1e-3
+    assert np.abs(np.asarray(f(x, ctx, mask, pooled + 1.0)) - base).max() > 1e-3
+    with pytest.raises(ValueError, match="needs `context`"):
+        net(x, jnp.full((2,), 0.3), pooled=pooled)
+
+
+def test_a_tokenizer_that_does_not_fit_its_encoder_is_refused():
+    from diffax.training.text import check_tokenizer
+
+    tok = WordTokenizer.build(["a b c d e"], 16, 8)
+    check_tokenizer(tok, vocab_size=16, max_length=8, what="t")
+    with pytest.raises(UserError, match="do not belong together"):
+        check_tokenizer(tok, vocab_size=8, max_length=8, what="t")
+    with pytest.raises(UserError, match="do not belong together"):
+        check_tokenizer(tok, vocab_size=16, max_length=12, what="t")
