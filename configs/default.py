@@ -34,6 +34,21 @@ def get_config() -> ml_collections.ConfigDict:
     d.read_threads = 4  # threads per process (and per worker) reading + decoding examples (Grain ReadOptions)
     d.image_key = "image"  # tfds: / npz: feature or array holding the images
     d.label_key = "label"  # tfds: / npz: feature or array holding class labels (absent -> label 0)
+    d.caption_key = ""  # text models: npz array / tfds feature ("a/b" nested) of the captions; folder: metadata.jsonl key ("" = "text")
+
+    # Text-to-image (diffax/models/text, diffax/training/text.py). encoder: "" = no text;
+    # "small" = a small transformer trained with the denoiser (word tokenizer built from the
+    # captions, saved in the workdir); or the path of a transformers CLIP / T5 folder (frozen).
+    c.text = tx = ml_collections.ConfigDict()
+    tx.encoder = ""
+    tx.max_length = 16  # tokens per caption, <bos> and <eos> included (small encoder; a pretrained one has its own)
+    tx.vocab_size = 256  # small encoder: embedding rows; the most frequent caption words get one, the rest <unk>
+    tx.width = 128  # small encoder: width (the networks' context_dim follows the encoder)
+    tx.depth = 2  # small encoder: transformer layers
+    tx.heads = 4  # small encoder: attention heads
+    tx.pooled = True  # add the pooled text vector to the timestep embedding (SDXL / SD3)
+    tx.trainable = False  # pretrained encoder: train it too (the small one always trains)
+    tx.caption_dropout = 0.1  # fraction of captions replaced by the empty prompt, for classifier-free guidance
 
     # Denoiser network (diffax/models). name: unet | dit | mlp
     c.model = m = ml_collections.ConfigDict()
@@ -53,6 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # activations (bfloat16 on accelerators); diffusion math stays float32
     m.param_dtype = "float32"
     m.remat = False  # rematerialise residual blocks to save memory
+    m.transformer_depth = 1  # text models (UNet): transformer blocks per cross-attention layer
+    m.use_linear_projection = False  # text models (UNet): linear proj_in / proj_out (SD 2) instead of 1x1 convs
     m.norm_eps = 1e-6  # GroupNorm epsilon (DDPM's TF code 1e-6; PyTorch / ADM / diffusers default 1e-5)
     m.up_attention_resolutions = None  # sides with attention in the up path; None = attention_resolutions
     m.mid_attention = True  # self-attention between the two middle residual blocks
@@ -181,6 +198,8 @@ def get_config() -> ml_collections.ConfigDict:
     s.ode_solver = "tsit5"  # ode sampler (samplers): diffrax adaptive solver tsit5 | dopri5 | dopri8 | bosh3
     s.guidance_scale = 1.0  # classifier-free guidance; 1 = none
     s.guidance_interval = (0.0, 1.0)  # apply guidance only for t in this interval
+    s.prompts = ()  # text models: prompts of the grids written during training (cycled); () = the data's first captions
+    s.negative_prompt = ""  # text models: the unconditional input of guidance ("" = the empty prompt)
 
     # Devices: mesh axes; -1 takes all remaining devices.
     c.mesh = mh = ml_collections.ConfigDict()
@@ -204,5 +223,7 @@ def get_config() -> ml_collections.ConfigDict:
     e.kid_reference_features = 10000  # feature rows kept in reference stats files for KID (random subset)
     e.is_splits = 10  # Inception Score splits (Salimans et al. 2016)
     e.watch_interval = 60.0  # --watch: seconds between polls for new checkpoints
+    e.prompts = ""  # text models: a file of FID prompts, one per line; "" = the data set's own captions
+    e.prompt_fidelity_per_digit = 50  # text models on digits: samples per digit for prompt fidelity (at w = 1, 2, 4)
     e.watch_timeout = 0.0  # --watch: give up after this many seconds without a new checkpoint; 0 = never
     return c

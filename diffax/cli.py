@@ -69,6 +69,15 @@ def _define_sample(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("ema", "true", "Which weights: 'true' the EMA of config.training.ema_decay, 'false' the raw "
                         "weights, or a sigma_rel such as 0.08: the post-hoc EMA of that length (--step: a snapshot "
                         "step; see diffax ema-reconstruct).", flag_values=fv)
+    flags.DEFINE_multi_string("prompt", [], "Text models: a prompt (repeatable); the samples cycle through the "
+                              "prompts, and prompts.txt beside the grid lists each sample's. '' = unconditional.",
+                              flag_values=fv)
+    flags.DEFINE_string("prompts", None, "Text models: a file of prompts, one per line (after any --prompt).",
+                        flag_values=fv)
+    flags.DEFINE_string("negative_prompt", None, "Text models: the unconditional input of guidance "
+                        "(default: config.sampling.negative_prompt, '' = the empty prompt).", flag_values=fv)
+    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (default: config.sampling.guidance_scale; "
+                       "1 = none).", flag_values=fv)
 
 
 def _sample(fv: flags.FlagValues, args: list[str]) -> None:
@@ -84,6 +93,15 @@ def _sample(fv: flags.FlagValues, args: list[str]) -> None:
             config.sampling.sampler = fv.sampler
         if fv.steps is not None:
             config.sampling.steps = fv.steps
+        if fv.guidance_scale is not None:
+            config.sampling.guidance_scale = fv.guidance_scale
+        if fv.negative_prompt is not None:
+            config.sampling.negative_prompt = fv.negative_prompt
+    from diffax.training import text
+
+    prompts = text.read_prompts(fv.prompt, fv.prompts or "")
+    if fv.prompts and not prompts:
+        raise errors.UserError(f"--prompts {fv.prompts} holds no prompt (every line is blank).")
     workdir_lib.check_writable(fv.output, what="--output")  # before drawing, not after
     noise = _load_noise(fv.noise, fv.num_samples) if fv.noise else None
     ema = fv.ema.strip().lower()
@@ -99,9 +117,20 @@ def _sample(fv: flags.FlagValues, args: list[str]) -> None:
     if noise is not None and noise.shape[1:] != tuple(run.diffusion.data_shape):
         raise errors.UserError(f"--noise {fv.noise} holds samples of shape {noise.shape[1:]} but this model draws "
                                f"{tuple(run.diffusion.data_shape)}.")
-    out = run.draw(fv.num_samples, fv.seed, noise=noise)
+    tokens = None
+    if prompts or fv.negative_prompt:
+        if not run.is_text:
+            raise errors.UserError("--prompt / --prompts / --negative_prompt were given, but this run is not a "
+                                   "text-to-image model (config.text.encoder is empty): drop them.")
+    if prompts:
+        prompts = [prompts[i % len(prompts)] for i in range(fv.num_samples)]
+        tokens = run.prompt_tokens(prompts)
+        with open(os.path.join(fv.output, "prompts.txt"), "w", encoding="utf-8") as f:
+            f.write("".join(p + "\n" for p in prompts))
+    out = run.draw(fv.num_samples, fv.seed, noise=noise, labels=tokens)
     labels = out["labels"] if out["labels"] is not None else np.zeros((0,), np.int32)  # no object array: no pickle
-    np.savez(os.path.join(fv.output, "samples.npz"), images=out["images"], labels=labels)
+    np.savez(os.path.join(fv.output, "samples.npz"), images=out["images"], labels=labels,
+             **({"prompts": np.asarray(prompts, dtype=np.str_)} if prompts else {}))
     grid = os.path.join(fv.output, "grid.png")
     save_samples(out["images"][:256], grid, title=f"{fv.num_samples} samples")  # a grid of at most 256
     print(f"{fv.num_samples} samples from step {run.step} ({config.sampling.sampler}, {config.sampling.steps} steps) "

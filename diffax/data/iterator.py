@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +80,8 @@ class DataIterator:
     `set_state` (same config) and the next batch is the one that would have come.
     """
 
-    def __init__(self, config, source: sources.Source, *, sharding, process_index: int, process_count: int):
+    def __init__(self, config, source: sources.Source, *, sharding, process_index: int, process_count: int,
+                 tokenizer: Callable | None = None):
         self.source = source
         self.sharding = sharding
         self.process_index = process_index
@@ -96,7 +97,7 @@ class DataIterator:
             "shuffle": bool(config.data.shuffle),
         }
         self._batches = pipeline.make_batches(
-            config, source, process_index=process_index, process_count=process_count
+            config, source, process_index=process_index, process_count=process_count, tokenizer=tokenizer
         )
 
     @property
@@ -193,13 +194,15 @@ class DataIterator:
 
 def make_iterator(
     config, *, sharding: jax.sharding.Sharding | None = None, process_index: int | None = None,
-    process_count: int | None = None,
+    process_count: int | None = None, tokenizer_for: Callable[[sources.Source], Callable] | None = None,
 ) -> DataIterator:
     """Builds the training input iterator described by `config.data`.
 
     `config.training.batch_size` is the global batch; process `process_index`
     of `process_count` (default: this JAX process) reads only its rows of it.
     Shuffling, flips and dequantisation noise derive from `config.seed`.
+    Text models pass `tokenizer_for(source) -> tokenizer` (it may build its vocabulary from the
+    source's captions); every batch then holds "tokens" int32 [B, 2, max_length] (ids, mask).
     """
     check_config(config)
     process_index = jax.process_index() if process_index is None else process_index
@@ -219,6 +222,14 @@ def make_iterator(
         )
     source = sources.get_source(config)
     _check_source(config, source)
+    tokenizer = None
+    if tokenizer_for is not None:
+        if source.captions is None:
+            raise UserError(f"{source.name} has no captions, and this is a text model (config.text.encoder="
+                            f"{config.text.encoder!r}): give the data captions (folder: metadata.jsonl or .txt files; "
+                            "npz: / tfds: set config.data.caption_key), or set config.text.encoder=''.")
+        tokenizer = tokenizer_for(source)
     log.info("Input: %s (%s examples), %d per host per step.", source.name,
              "endless" if source.records is None else len(source.records), batch_size // process_count)
-    return DataIterator(config, source, sharding=sharding, process_index=process_index, process_count=process_count)
+    return DataIterator(config, source, sharding=sharding, process_index=process_index, process_count=process_count,
+                        tokenizer=tokenizer)

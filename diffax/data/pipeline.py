@@ -29,6 +29,7 @@ from PIL import Image
 from diffax.data.sources import BadImageError, Source
 
 RESIZE_MODES = ("pad", "resize")
+BATCH_KEYS = ("image", "label", "tokens")  # what a batch holds ("tokens": text models only)
 _ENDLESS = 2**62  # length of the index range behind an endless stream
 
 
@@ -150,8 +151,27 @@ class ExampleTransform:
     skip_bad: bool
     seed: int
     latent_scaling: tuple[float, float] | None = None
+    captions: Callable[[Any], Any] | None = None  # text models: record -> captions (Source.captions)
+    tokenizer: Callable[[Any], tuple[np.ndarray, np.ndarray]] | None = None  # texts -> (ids, mask)
 
     def __call__(self, index: int, record: Any) -> dict[str, np.ndarray] | Skipped:
+        example = self._example(index, record)
+        if self.tokenizer is not None and not isinstance(example, Skipped):
+            example["tokens"] = self._tokens(index, record)
+        return example
+
+    def _tokens(self, index: int, record: Any) -> np.ndarray:
+        """int32 [2, max_length]: (ids, mask) of one of the record's captions, chosen by (seed, stream
+        position), i.e. deterministic per seed and step. An empty caption is the empty prompt."""
+        texts = tuple(self.captions(record))
+        if not texts:
+            raise ValueError(f"{self.describe(record)} has no caption; give it one (an empty string trains the "
+                             "unconditional model).")
+        text = texts[0] if len(texts) == 1 else texts[np.random.default_rng([self.seed, index, 7]).integers(len(texts))]
+        ids, mask = self.tokenizer([text])
+        return np.stack([ids[0], mask[0]]).astype(np.int32)
+
+    def _example(self, index: int, record: Any) -> dict[str, np.ndarray] | Skipped:
         try:
             image, label = self.decode(record)
         except BadImageError as e:
@@ -219,6 +239,8 @@ def stack_examples(examples: list[dict[str, np.ndarray] | Skipped]) -> dict[str,
         "label": np.array([e["label"] for e in good], np.int32),
         "num_skipped": np.int64(len(bad)),
     }
+    if "tokens" in good[0]:  # text models: int32 [B, 2, max_length] (ids, mask)
+        batch["tokens"] = np.stack([e["tokens"] for e in good])
     if bad:
         batch["last_error"] = bad[-1].message
     return batch
@@ -265,18 +287,18 @@ class Rebatcher:
                 return
 
     def __next__(self) -> dict[str, np.ndarray]:
-        images, labels, need = [], [], self._batch_size
+        parts, need = [], self._batch_size
         while need:
             if self._chunk is None or self._offset == len(self._chunk["label"]):
                 self._next_chunk()
             take = min(need, len(self._chunk["label"]) - self._offset)
-            images.append(self._chunk["image"][self._offset : self._offset + take])
-            labels.append(self._chunk["label"][self._offset : self._offset + take])
+            parts.append({k: self._chunk[k][self._offset : self._offset + take] for k in BATCH_KEYS
+                          if k in self._chunk})
             self._offset += take
             need -= take
-        if len(images) == 1:
-            return {"image": images[0], "label": labels[0]}
-        return {"image": np.concatenate(images), "label": np.concatenate(labels)}
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def get_state(self) -> dict[str, Any]:
         if self._chunk is None or self._offset == len(self._chunk["label"]):
@@ -294,7 +316,8 @@ class Rebatcher:
             close()
 
 
-def build_dataset(config, source: Source, *, process_index: int, process_count: int) -> grain.IterDataset:
+def build_dataset(config, source: Source, *, process_index: int, process_count: int,
+                  tokenizer: Callable | None = None) -> grain.IterDataset:
     """The Grain dataset of host-local numpy chunks {"image", "label", "num_skipped"} for one process.
 
     The global stream (shuffled anew each epoch, repeated) is cut into global
@@ -333,6 +356,8 @@ def build_dataset(config, source: Source, *, process_index: int, process_count: 
                 skip_bad=bool(d.skip_bad),
                 seed=seed,
                 latent_scaling=source.latent_scaling,
+                captions=source.captions if tokenizer is not None else None,
+                tokenizer=tokenizer,
             )
         )
         ds = ds.batch(local_batch, drop_remainder=True, batch_fn=stack_examples)[process_index::process_count]
@@ -350,9 +375,12 @@ def build_dataset(config, source: Source, *, process_index: int, process_count: 
     return ds
 
 
-def make_batches(config, source: Source, *, process_index: int, process_count: int) -> Rebatcher:
-    """An endless iterator of host-local numpy batches {"image", "label"} (with get/set_state)."""
-    dataset = build_dataset(config, source, process_index=process_index, process_count=process_count)
+def make_batches(config, source: Source, *, process_index: int, process_count: int,
+                 tokenizer: Callable | None = None) -> Rebatcher:
+    """An endless iterator of host-local numpy batches {"image", "label"} (with get/set_state); with a
+    `tokenizer` (text models) also "tokens" int32 [B, 2, max_length]: the (ids, mask) of a caption."""
+    dataset = build_dataset(config, source, process_index=process_index, process_count=process_count,
+                            tokenizer=tokenizer)
     size = _ENDLESS if source.records is None else len(source.records)
     return Rebatcher(iter(dataset), config.training.batch_size // process_count, max(size, 1))
 

@@ -59,6 +59,8 @@ class Source:
     float_images: bool = False  # images are float in [0, 1] rather than uint8
     describe: Callable[[Any], str] = lambda record: f"example {record}"  # names a record in errors
     latent_scaling: tuple[float, float] | None = None  # kind "latent": (scale, shift) of its autoencoder
+    # text models: record -> its captions (one or more; one is chosen per step); None: the source has none
+    captions: Callable[[Any], Sequence[str]] | None = None
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -146,7 +148,18 @@ def digits_source(arg: str, config) -> Source:
             f"config.data.split={config.data.split!r} is not a split of digits; valid: {', '.join(splits)}."
         )
     images, labels = images[splits[config.data.split]], labels[splits[config.data.split]]
-    return _array_source("digits", images, labels, num_classes=10)
+    captions = [digit_captions(int(label)) for label in labels]
+    return _array_source("digits", images, labels, num_classes=10, captions=captions)
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def digit_captions(digit: int) -> tuple[str, ...]:
+    """The captions of a handwritten `digit` in several phrasings, the numeral and the word alike."""
+    n, word = str(digit), DIGIT_WORDS[digit]
+    return (f"a handwritten {n}", f"the digit {word}", f"number {n}", f"a handwritten {word}",
+            f"the number {word}", f"digit {n}")
 
 
 @SOURCES.register("npz")
@@ -162,12 +175,13 @@ def npz_source(arg: str, config) -> Source:
     path = Path(arg).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"config.data.name={config.data.name!r}: no such file {path}.")
-    image_key, label_key = config.data.image_key, config.data.label_key
+    image_key, label_key, caption_key = config.data.image_key, config.data.label_key, caption_field(config)
     try:
         with np.load(path) as f:
             names = list(f.files)
             images = f[image_key] if image_key in names else None
             labels = f[label_key] if label_key and label_key in names else None
+            captions = f[caption_key] if caption_key and caption_key in names else None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:  # truncated, or not an .npz at all
         raise UserError(f"config.data.name={config.data.name!r}: {path} cannot be read as a .npz file "
                         f"({type(e).__name__}: {e}). Write it again (np.savez), or point config.data.name at another file.") from None
@@ -193,11 +207,22 @@ def npz_source(arg: str, config) -> Source:
             raise ValueError(f"{path}[{label_key!r}] must have shape ({len(images)},), got {labels.shape}.")
         labels = labels.astype(np.int32)
         num_classes = int(labels.max()) + 1
-    return _array_source(f"npz:{path}", images, labels, num_classes=num_classes)
+    if captions is not None:  # [N] strings, or [N, K] with K captions per image
+        if captions.shape[:1] != (len(images),) or captions.ndim > 2:
+            raise UserError(f"{path}[{caption_key!r}] (config.data.caption_key) must hold N={len(images)} captions "
+                            f"[N] or [N, K], got shape {captions.shape}.")
+        captions = [tuple(str(c) for c in np.atleast_1d(row)) for row in captions]
+    return _array_source(f"npz:{path}", images, labels, num_classes=num_classes, captions=captions)
 
 
-def _array_source(name: str, images: np.ndarray, labels: np.ndarray | None, num_classes: int) -> Source:
-    """A source over in-memory images [N, H, W, C] (uint8 or float in [0, 1])."""
+def caption_field(config) -> str:
+    """config.data.caption_key ("" when a config predates it): npz array / tfds feature / metadata.jsonl key."""
+    return str(config.data.get("caption_key", "") or "")
+
+
+def _array_source(name: str, images: np.ndarray, labels: np.ndarray | None, num_classes: int,
+                  captions: Sequence[Sequence[str]] | None = None) -> Source:
+    """A source over in-memory images [N, H, W, C] (uint8 or float in [0, 1]), with captions per image."""
     if labels is None:
         labels = np.zeros(len(images), np.int32)
 
@@ -212,6 +237,7 @@ def _array_source(name: str, images: np.ndarray, labels: np.ndarray | None, num_
         num_classes=num_classes,
         image_shape=tuple(images.shape[1:]),
         float_images=images.dtype != np.uint8,
+        captions=None if captions is None else captions.__getitem__,
     )
 
 
@@ -256,6 +282,7 @@ def folder_source(arg: str, config) -> Source:
         labels = [index[p[0]] for p in parts]
     channels = config.data.channels
     records = list(zip(files, labels))
+    captions = folder_captions(root, files, caption_field(config) or "text")
 
     def decode(record: tuple[str, int]) -> tuple[np.ndarray, int]:
         path, label = record
@@ -268,7 +295,59 @@ def folder_source(arg: str, config) -> Source:
         decode=decode,
         num_classes=len(class_names),
         class_names=class_names,
+        captions=None if captions is None else (lambda record: captions[record[0]]),
     )
+
+
+def folder_captions(root: Path, files: Sequence[str], key: str) -> dict[str, tuple[str, ...]] | None:
+    """The captions of a folder's images: Hugging Face imagefolder's metadata.jsonl, or sidecar .txt files.
+
+    metadata.jsonl (in `root`): one JSON object per line with "file_name" (relative to root) and
+    `key` (config.data.caption_key, default "text"): a string or a list of strings. Sidecar
+    files: photo.png -> photo.txt, one caption per non-empty line. An image without a caption
+    (missing from metadata.jsonl, or no .txt beside it when others have one) is an error naming
+    it; an empty caption is allowed and trains the unconditional (empty-prompt) model.
+    Returns None when the folder has neither (a folder without captions).
+    """
+    import json
+
+    metadata = root / "metadata.jsonl"
+    found: dict[str, tuple[str, ...]] = {}
+    if metadata.is_file():
+        with open(metadata) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    name, text = row["file_name"], row[key]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise UserError(f"{metadata} line {n}: needs a JSON object with 'file_name' and {key!r} "
+                                    f"(config.data.caption_key) ({type(e).__name__}: {e}).") from None
+                texts = (text,) if isinstance(text, str) else tuple(text)
+                if not texts or not all(isinstance(t, str) for t in texts):
+                    raise UserError(f"{metadata} line {n}: {key!r} must be a string or a list of strings, got {text!r}.")
+                found[str((root / name).resolve())] = texts
+        out = {}
+        for path in files:
+            if str(Path(path).resolve()) not in found:
+                raise UserError(f"Image {path} has no caption in {metadata}: add a line for it, or remove the image.")
+            out[path] = found[str(Path(path).resolve())]
+        return out
+    sidecars = {path: os.path.splitext(path)[0] + ".txt" for path in files}
+    have = [p for p, t in sidecars.items() if os.path.isfile(t)]
+    if not have:
+        return None
+    missing = [p for p in files if p not in have]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) in {root} have no caption file beside them (e.g. {missing[0]} needs "
+                        f"{sidecars[missing[0]]}) while {len(have)} do; add them (an empty file = no caption).")
+    out = {}
+    for path in files:
+        with open(sidecars[path], encoding="utf-8") as f:
+            lines = tuple(line.strip() for line in f.read().splitlines() if line.strip())
+        out[path] = lines or ("",)
+    return out
 
 
 class _TfdsRecords(Sequence):
@@ -362,6 +441,18 @@ def tfds_source(arg: str, config) -> Source:
     shape = getattr(features[image_key], "shape", None)
     image_shape = tuple(shape) if shape and all(isinstance(s, int) for s in shape) else None
 
+    caption_key = caption_field(config)
+    if caption_key and caption_key.split("/")[0] not in features:
+        raise UserError(f"TFDS dataset {arg!r} has no feature {caption_key!r} (config.data.caption_key); "
+                        f"its features are: {', '.join(features)}.")
+
+    def captions(record: tuple[int, dict]) -> tuple[str, ...]:
+        index, value = record
+        for part in caption_key.split("/"):  # a nested feature, e.g. "captions/text"
+            value = value[part]
+        texts = np.atleast_1d(np.asarray(value))
+        return tuple(t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts)
+
     def decode(record: tuple[int, dict]) -> tuple[np.ndarray, int]:
         index, example = record
         image = example[image_key]
@@ -378,6 +469,7 @@ def tfds_source(arg: str, config) -> Source:
         num_classes=num_classes,
         class_names=tuple(features[label_key].names) if num_classes else (),
         image_shape=image_shape,
+        captions=captions if caption_key else None,
     )
 
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from diffax.errors import UserError
-from diffax.evaluation import digits_features, inception, metrics, protocols, statistics
+from diffax.evaluation import digits_features, inception, metrics, prompt_fidelity, protocols, statistics
 
 log = logging.getLogger(__name__)
 RESULTS = "results.jsonl"
@@ -392,14 +392,36 @@ def _sample_chunks(config: Any, inf: Any, timer: list[float]) -> Iterator[np.nda
     total, bs = int(config.eval.num_samples), int(config.eval.batch_size)
     chunk = bs * SAMPLE_CHUNK_BATCHES
     bar = tqdm(total=total, desc="sampling + features", unit="img", disable=jax.process_index() != 0)
+    prompts = _eval_prompts(config, total) if getattr(inf, "is_text", False) else None
     for c, lo in enumerate(range(0, total, chunk)):
         seed = int(np.random.SeedSequence([_eval_seed(config), c]).generate_state(1)[0] % 2**31)
         t0 = time.time()
-        images = inf.draw(min(chunk, total - lo), seed, batch_size=bs, progress=False)["images"]
+        n = min(chunk, total - lo)
+        text = {} if prompts is None else {"labels": inf.prompt_tokens(prompts[lo:lo + n])}
+        images = inf.draw(n, seed, batch_size=bs, progress=False, **text)["images"]
         timer[0] += time.time() - t0
         yield images if images.dtype == np.uint8 else statistics.to_uint8(images)
         bar.update(len(images))
     bar.close()
+
+
+def _eval_prompts(config: Any, total: int) -> list[str]:
+    """A text model's FID prompts: config.eval.prompts (a file, one per line), else the data set's own
+    captions (the first of each image, in order, cycled)."""
+    from diffax.data import sources
+    from diffax.training import text
+
+    path = str(config.eval.get("prompts", "") or "")
+    if path:
+        prompts = text.read_prompts((), path)
+    else:
+        src = sources.get_source(config)
+        if src.captions is None or not src.records:
+            raise UserError(f"{src.name} has no captions to draw FID samples from: set config.eval.prompts to a file.")
+        prompts = [src.captions(src.records[i])[0] for i in range(min(total, len(src.records)))]
+    if not prompts:
+        raise UserError(f"config.eval.prompts={path}: the file holds no prompt.")
+    return [prompts[i % len(prompts)] for i in range(total)]
 
 
 def _pending(config: Any, workdir: str, settings: dict, mode: str, step: int | None) -> list[int]:
@@ -506,6 +528,10 @@ def run_eval(
                     for _ in chunks:
                         pass
                 t_sample = timer[0]
+                if is_main and prompt_fidelity.applies(config):
+                    result.update(prompt_fidelity.evaluate(
+                        workdir, s, config, prompt_fidelity.digits_classifier(config, edir),
+                        per_digit=int(config.eval.get("prompt_fidelity_per_digit", 50)), seed=_eval_seed(config)))
                 record = {"step": int(s), **settings, "metrics": result, "sample_time_s": round(t_sample, 3),
                           "wall_time_s": round(time.time() - t0, 3), "time": time.time()}
                 written.append(record)

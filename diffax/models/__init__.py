@@ -2,7 +2,8 @@
 
 Networks take explicit keyword arguments (usable without a config); `build_model` reads
 config.model once (`model_kwargs`). Every model is called as
-model(x, c_noise, labels=None, *, dropout_key=None) -> out, with
+model(x, c_noise, labels=None, *, context=None, context_mask=None, pooled=None, dropout_key=None) -> out
+(context / context_mask / pooled: a text model's text embedding, UNet and DiT only), with
 out.shape == x.shape (2C channels when config.model.learn_sigma). c_noise is a float per
 example (see diffax/parameterization.py); labels are int32 with the null label num_classes.
 """
@@ -45,7 +46,8 @@ def model_kwargs(model_cfg) -> dict:
     return {name: model_cfg[name] for name in names if name in model_cfg}
 
 
-def build_model(model_cfg, *, data_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
+def build_model(model_cfg, *, data_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs,
+                **overrides) -> nnx.Module:
     """The network named by config.model.name, built for data of shape data_shape ((H, W, C) or (D,)).
 
     num_classes = 0 builds an unconditional model; otherwise the class table has
@@ -54,7 +56,7 @@ def build_model(model_cfg, *, data_shape: tuple[int, ...], num_classes: int, rng
     `construct`), identical to eager construction with the same rngs.
     """
     cls = MODELS.get(model_cfg.name)
-    kwargs = model_kwargs(model_cfg)
+    kwargs = {**model_kwargs(model_cfg), **overrides}  # overrides: a text model's context_dim / pooled_dim
     return construct(lambda r: cls(data_shape=tuple(data_shape), num_classes=int(num_classes), rngs=r, **kwargs), rngs)
 
 

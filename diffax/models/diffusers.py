@@ -387,6 +387,23 @@ def _source(path: tuple) -> tuple[str, str]:
     raise UnsupportedDiffusersConfig(f"no diffusers tensor for diffax parameter {'/'.join(map(str, path))}")
 
 
+_BLOCK_PARTS = {"to_out": "to_out.0", "geglu": "net.0.proj", "out": "net.2"}
+
+
+def transformer_source(path: tuple, *, linear_projection: bool) -> tuple[str, str]:
+    """A SpatialTransformer's (or, from "transformer_blocks" down, a BasicTransformerBlock's) parameter
+    path -> (diffusers Transformer2DModel / BasicTransformerBlock tensor prefix, leaf kind).
+
+    The names are diffusers' except to_out (to_out.0), ff.geglu (ff.net.0.proj) and ff.out (ff.net.2).
+    """
+    p = [str(x) for x in path[:-1]]
+    if p[0] in ("proj_in", "proj_out"):
+        return p[0], "linear" if linear_projection else "conv"
+    if p[0] == "norm" or p[-1].startswith("norm"):
+        return ".".join(p), "norm"
+    return ".".join(_BLOCK_PARTS.get(x, x) if i == len(p) - 1 else x for i, x in enumerate(p)), "linear"
+
+
 def _res_kind(sub: str) -> str:
     return {"norm1": "norm", "norm2": "norm", "temb": "linear"}.get(sub, "conv")
 

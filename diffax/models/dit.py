@@ -6,6 +6,11 @@ Presets (Table 1 of the paper; parameters at 256x256 images, i.e. 32x32x4 latent
 classes, learned sigma): S 33M, B 130M, L 458M, XL 675M; patch size 2, 4 or 8, e.g.
 config.model.preset = "XL/2".
 
+Text models (context_dim > 0): the text states are projected to the token width once
+(SD3's context_embedder) and every block cross-attends to them after its self-attention
+(PixArt-alpha, Chen et al. 2023); with pooled_dim > 0 the pooled text vector goes through a
+two-layer MLP into the conditioning vector (SD3, Esser et al. 2024, sec. 4; SDXL).
+
 The blocks' weights are stacked on a leading depth axis (`blocks.qkv.kernel` is
 [depth, hidden, 3 hidden]) and the blocks run under one `lax.scan`.
 """
@@ -17,7 +22,7 @@ from flax import nnx
 
 from diffax.models import layers
 from diffax.models.embeddings import NoiseEmbedding, sincos_pos_embed_2d
-from diffax.models.unet import add_label_embedding, heads_for
+from diffax.models.unet import PooledEmbedding, add_label_embedding, add_pooled_embedding, check_context, heads_for
 
 Array = jax.Array
 
@@ -51,8 +56,13 @@ class DiTBlock(nnx.Module):
     """Transformer block with adaLN-Zero: the modulation (shift, scale, gate) x 2 is regressed from the
     conditioning and zero-initialised, so every block starts as the identity."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, *, dropout: float, dtype, param_dtype, rngs):
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, *, dropout: float, dtype, param_dtype, rngs,
+                 cross_attention: bool = False):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # text models: cross-attention to the (projected) text states after self-attention, its output
+        # projection zero-initialised, as PixArt-alpha (Chen et al. 2023, sec. 2.3)
+        self.cross_attn = (layers.Attention(hidden, hidden, heads, hidden // heads, out_init=layers.zeros, **kw)
+                           if cross_attention else None)
         mlp_hidden = int(hidden * mlp_ratio)
         self.qkv = layers.linear(hidden, 3 * hidden, **kw)
         self.proj = layers.linear(hidden, hidden, **kw)
@@ -62,32 +72,38 @@ class DiTBlock(nnx.Module):
         self.heads = heads
         self.dropout = float(dropout)
 
-    def __call__(self, x: Array, c: Array, dropout_key: Array | None = None) -> Array:
+    def __call__(self, x: Array, c: Array, dropout_key: Array | None = None, context: Array | None = None,
+                 context_mask: Array | None = None) -> Array:
         b, t, d = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaln(jax.nn.silu(c)), 6, axis=-1)
         h = modulate(layers.layer_norm(x), shift1, scale1)
         q, k, v = (z.reshape(b, t, self.heads, d // self.heads) for z in jnp.split(self.qkv(h), 3, -1))
         h = self.proj(layers.attention(q, k, v).reshape(b, t, d))
         x = x + gate1[:, None, :] * layers.dropout(h, self.dropout, layers.fold_key(dropout_key, 0))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(layers.layer_norm(x), context, context_mask)
         h = modulate(layers.layer_norm(x), shift2, scale2)
         h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))
         return x + gate2[:, None, :] * layers.dropout(h, self.dropout, layers.fold_key(dropout_key, 1))
 
 
 def stacked_blocks(
-    depth: int, hidden: int, heads: int, mlp_ratio: float, *, dropout: float, dtype, param_dtype, rngs: nnx.Rngs
+    depth: int, hidden: int, heads: int, mlp_ratio: float, *, dropout: float, dtype, param_dtype, rngs: nnx.Rngs,
+    cross_attention: bool = False,
 ) -> DiTBlock:
     """`depth` DiT blocks as one module whose weights carry a leading depth axis, for `scan_blocks`."""
 
     @nnx.split_rngs(splits=depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make(rngs: nnx.Rngs) -> DiTBlock:
-        return DiTBlock(hidden, heads, mlp_ratio, dropout=dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        return DiTBlock(hidden, heads, mlp_ratio, dropout=dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                        cross_attention=cross_attention)
 
     return make(rngs)
 
 
-def scan_blocks(blocks: DiTBlock, h: Array, cond: Array, dropout_key: Array | None = None, *, remat: bool = False):
+def scan_blocks(blocks: DiTBlock, h: Array, cond: Array, dropout_key: Array | None = None, *, remat: bool = False,
+                context: Array | None = None, context_mask: Array | None = None):
     """Run `stacked_blocks` in order under one lax.scan, block i with dropout key fold_in(key, i).
 
     One block to compile whatever the depth, and no fusion across blocks: XLA:CPU fused the
@@ -99,14 +115,15 @@ def scan_blocks(blocks: DiTBlock, h: Array, cond: Array, dropout_key: Array | No
 
     def one_block(h, layer):
         state, i = layer
-        return nnx.merge(block_def, state)(h, cond, layers.fold_key(dropout_key, i)), None
+        return nnx.merge(block_def, state)(h, cond, layers.fold_key(dropout_key, i), context, context_mask), None
 
     h, _ = jax.lax.scan(jax.checkpoint(one_block) if remat else one_block, h, (stacked, jnp.arange(depth)))
     return h
 
 
 class DiT(nnx.Module):
-    """DiT denoiser: model(x [B,H,W,C], c_noise [B], labels, *, dropout_key) -> [B,H,W,C or 2C].
+    """DiT denoiser: model(x [B,H,W,C], c_noise [B], labels, *, context, context_mask, pooled, dropout_key)
+    -> [B,H,W,C or 2C].
 
     Peebles & Xie (2023): patch embedding (a p x p stride-p conv, here the equivalent matmul on
     flattened patches), fixed sin-cos position embedding (not a parameter), noise-level MLP on
@@ -135,6 +152,8 @@ class DiT(nnx.Module):
         dtype: str = "float32",  # activations (bfloat16 on accelerators)
         param_dtype: str = "float32",  # parameters
         remat: bool = False,  # recompute every block in the backward pass to save memory
+        context_dim: int = 0,  # text models: width of the text states; > 0 adds cross-attention to every block
+        pooled_dim: int = 0,  # > 0: a pooled text vector of this width is added to the timestep embedding (SD3)
         rngs: nnx.Rngs,
     ):
         if len(data_shape) != 3:
@@ -162,7 +181,12 @@ class DiT(nnx.Module):
             if num_classes > 0
             else None
         )
-        self.blocks = stacked_blocks(depth, hidden, heads, float(mlp_ratio), dropout=float(dropout), **kw)
+        self.context_dim = int(context_dim)
+        # the text states projected to the token width once (SD3's context_embedder)
+        self.context_embedder = layers.linear(self.context_dim, hidden, **kw) if self.context_dim else None
+        self.pooled_embed = PooledEmbedding(int(pooled_dim), hidden, **kw) if pooled_dim else None
+        self.blocks = stacked_blocks(depth, hidden, heads, float(mlp_ratio), dropout=float(dropout),
+                                     cross_attention=self.context_dim > 0, **kw)
         self.final_adaln = layers.linear(hidden, 2 * hidden, init=layers.zeros, **kw)
         self.final_proj = layers.linear(hidden, patch * patch * out_ch, init=layers.zeros, **kw)
         self.patch = patch
@@ -172,8 +196,11 @@ class DiT(nnx.Module):
         self.dtype = dtype
 
     def __call__(
-        self, x: Array, c_noise: Array, labels: Array | None = None, *, dropout_key: Array | None = None
+        self, x: Array, c_noise: Array, labels: Array | None = None, *, context: Array | None = None,
+        context_mask: Array | None = None, pooled: Array | None = None, dropout_key: Array | None = None
     ) -> Array:
+        """context [B, S, context_dim], context_mask [B, S], pooled [B, pooled_dim]: a text model's text embedding."""
+        check_context(self.context_dim, context)
         b, height, width, c = x.shape
         p, gh, gw = self.patch, height // self.patch, width // self.patch
         patches = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
@@ -182,9 +209,12 @@ class DiT(nnx.Module):
 
         c_noise = jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), (b,))
         cond = self.time_mlp2(jax.nn.silu(self.time_mlp1(self.embed(c_noise).astype(self.dtype))))
+        cond = add_pooled_embedding(cond, self.pooled_embed, pooled)
         cond = add_label_embedding(cond, self.label_embed, self.num_classes, labels, b)
+        if context is not None:
+            context = self.context_embedder(jnp.asarray(context, self.dtype))
 
-        h = scan_blocks(self.blocks, h, cond, dropout_key, remat=self.remat)
+        h = scan_blocks(self.blocks, h, cond, dropout_key, remat=self.remat, context=context, context_mask=context_mask)
         shift, scale = jnp.split(self.final_adaln(jax.nn.silu(cond)), 2, axis=-1)
         out = self.final_proj(modulate(layers.layer_norm(h), shift, scale))
         out = out.reshape(b, gh, gw, p, p, self.out_ch).transpose(0, 1, 3, 2, 4, 5)

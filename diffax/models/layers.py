@@ -315,3 +315,122 @@ def call_block(block: nnx.Module, *args) -> Array:
 
 
 call_block_remat = nnx.remat(call_block)
+
+
+# --------------------------------------------------------------------------- cross-attention transformer
+
+
+class Attention(nnx.Module):
+    """Multi-head attention from `x` [B, T, query_dim] to `context` [B, S, context_dim] (itself when None).
+
+    diffusers' Attention layout: to_q, to_k, to_v without bias, to_out with bias (diffusers'
+    to_out[0]), scale 1/sqrt(head_dim) (Vaswani et al. 2017). `context_mask` [B, S] (1 keep, 0
+    drop) hides padding tokens from every query.
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, head_dim: int, *, dtype, param_dtype,
+                 rngs: nnx.Rngs, out_init=xavier_uniform):
+        inner = heads * head_dim
+        context_dim = query_dim if context_dim is None else context_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform, use_bias=False, rngs=rngs)
+        self.to_q = nnx.Linear(query_dim, inner, **kw)
+        self.to_k = nnx.Linear(context_dim, inner, **kw)
+        self.to_v = nnx.Linear(context_dim, inner, **kw)
+        self.to_out = linear(inner, query_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs, init=out_init)
+        self.heads, self.head_dim = int(heads), int(head_dim)
+
+    def __call__(self, x: Array, context: Array | None = None, context_mask: Array | None = None) -> Array:
+        context = x if context is None else context.astype(x.dtype)
+        b, t, _ = x.shape
+        s = context.shape[1]
+        q = self.to_q(x).reshape(b, t, self.heads, self.head_dim)
+        k = self.to_k(context).reshape(b, s, self.heads, self.head_dim)
+        v = self.to_v(context).reshape(b, s, self.heads, self.head_dim)
+        mask = None if context_mask is None else (jnp.asarray(context_mask)[:, None, None, :] > 0)
+        return self.to_out(jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, t, -1))
+
+
+class GEGLUFeedForward(nnx.Module):
+    """out(a * GELU(g)), (a, g) = split(geglu(x)): the GEGLU feed-forward (Shazeer 2020), width 4 x dim.
+
+    diffusers' FeedForward(activation_fn="geglu"): net[0].proj -> geglu, net[2] -> out; exact (erf) GELU.
+    """
+
+    def __init__(self, dim: int, mult: int = 4, *, dtype, param_dtype, rngs: nnx.Rngs):
+        inner = dim * mult
+        self.geglu = linear(dim, 2 * inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.out = linear(inner, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        a, gate = jnp.split(self.geglu(x), 2, axis=-1)
+        return self.out(a * jax.nn.gelu(gate, approximate=False))
+
+
+class BasicTransformerBlock(nnx.Module):
+    """Self-attention, cross-attention to the text, GEGLU feed-forward, each pre-LN with a residual.
+
+    Rombach et al. (2022, App. E.2.1; LDM's BasicTransformerBlock), in diffusers' naming
+    (norm1 / attn1, norm2 / attn2, norm3 / ff; LayerNorm eps 1e-5). With context_dim=None
+    there is no cross-attention (norm2 / attn2 are absent).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        ln = lambda: nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
+        self.norm1 = ln()
+        self.attn1 = Attention(dim, None, heads, head_dim, **kw)
+        self.norm2 = ln() if context_dim else None
+        self.attn2 = Attention(dim, context_dim, heads, head_dim, **kw) if context_dim else None
+        self.norm3 = ln()
+        self.ff = GEGLUFeedForward(dim, **kw)
+
+    def __call__(self, x: Array, context: Array | None = None, context_mask: Array | None = None) -> Array:
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x), context, context_mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nnx.Module):
+    """Transformer over the pixels of a feature map, attending to a text context (Rombach et al. 2022).
+
+    diffusers' Transformer2DModel with continuous input: x + proj_out(blocks(proj_in(norm(x)))),
+    GroupNorm (eps 1e-6), proj_in / proj_out 1x1 convolutions, or linear layers on the tokens
+    with `linear_projection` (SD 2's use_linear_projection); `depth` BasicTransformerBlocks
+    (transformer_layers_per_block). proj_out starts at zero here, so the block starts as the
+    identity (LDM's zero_module), which only changes the initialisation.
+    """
+
+    def __init__(self, channels: int, heads: int, context_dim: int | None, *, depth: int = 1,
+                 linear_projection: bool = False, groups: int, eps: float = 1e-6, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        if channels % heads:
+            raise ValueError(f"{heads} attention heads do not divide {channels} channels")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = GroupNorm(channels, groups, eps, dtype=dtype, param_dtype=param_dtype)
+        if linear_projection:
+            self.proj_in = linear(channels, channels, **kw)
+            self.proj_out = linear(channels, channels, init=zeros, **kw)
+        else:
+            self.proj_in = Conv(channels, channels, 1, **kw)
+            self.proj_out = Conv(channels, channels, 1, zero_init=True, **kw)
+        self.transformer_blocks = nnx.List([
+            BasicTransformerBlock(channels, heads, channels // heads, context_dim, **kw) for _ in range(int(depth))
+        ])
+        self.linear_projection = bool(linear_projection)
+
+    def __call__(self, x: Array, context: Array | None = None, context_mask: Array | None = None) -> Array:
+        b, h, w, c = x.shape
+        y = self.norm(x)
+        if self.linear_projection:
+            y = self.proj_in(y.reshape(b, h * w, c))
+        else:
+            y = self.proj_in(y).reshape(b, h * w, c)
+        for block in self.transformer_blocks:
+            y = block(y, context, context_mask)
+        if self.linear_projection:
+            y = self.proj_out(y).reshape(b, h, w, c)
+        else:
+            y = self.proj_out(y.reshape(b, h, w, c))
+        return x + y.astype(x.dtype)

@@ -13,6 +13,11 @@ AttnUpBlock2D / UNetMidBlock2D, so diffax/models/diffusers.py maps its weights o
 DDPM CIFAR-10 (35.7M parameters): channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
 attention_resolutions=(16,), dropout=0.1. ADM: scale_shift_norm=True, resblock_updown=True,
 head_channels=64, attention at (32, 16, 8), num_classes > 0.
+
+Text models (context_dim > 0): every attention layer is instead a cross-attention transformer
+(layers.SpatialTransformer, diffusers' Transformer2DModel; Rombach et al. 2022) attending to the
+text states passed as `context`; with pooled_dim > 0 a pooled text vector is added to the
+timestep embedding (SDXL's add_embedding, Podell et al. 2023).
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ class Level(nnx.Module):
 
 
 class UNet(nnx.Module):
-    """UNet denoiser: model(x [B,H,W,C], c_noise [B], labels [B] | None, *, dropout_key) -> [B,H,W,C or 2C].
+    """UNet denoiser: model(x [B,H,W,C], c_noise [B], labels [B] | None, *, context, context_mask, pooled,
+    dropout_key) -> [B,H,W,C or 2C].
 
     Implements Ho et al. (2020, App. B) and the ADM improvements of Dhariwal & Nichol (2021,
     sec. 3): adaptive group norm (scale_shift_norm), multi-head attention at several
@@ -84,6 +90,10 @@ class UNet(nnx.Module):
         dtype: str = "float32",  # activations (bfloat16 on accelerators)
         param_dtype: str = "float32",  # parameters
         remat: bool = False,  # rematerialise every block in the backward pass to save memory
+        context_dim: int = 0,  # text models: width of the text states; > 0 makes every attention a cross-attention transformer
+        transformer_depth: int = 1,  # BasicTransformerBlocks per cross-attention transformer (transformer_layers_per_block)
+        use_linear_projection: bool = False,  # SD 2: linear proj_in / proj_out instead of 1x1 convolutions
+        pooled_dim: int = 0,  # > 0: a pooled text vector of this width is added to the timestep embedding (SDXL)
         rngs: nnx.Rngs,
     ):
         if len(data_shape) != 3:
@@ -102,6 +112,14 @@ class UNet(nnx.Module):
         res_kw = dict(dropout=float(dropout), scale_shift_norm=bool(scale_shift_norm), groups=int(norm_groups),
                       eps=float(norm_eps), **kw)
         attn_kw = dict(groups=int(norm_groups), eps=float(norm_eps), **kw)
+        context_dim = int(context_dim)
+
+        def attention(c: int) -> nnx.Module:  # self-attention, or a text cross-attention transformer
+            if context_dim > 0:
+                return layers.SpatialTransformer(c, nheads(c), context_dim, depth=int(transformer_depth),
+                                                 linear_projection=bool(use_linear_projection),
+                                                 groups=int(norm_groups), rngs=rngs, **kw)
+            return layers.AttentionBlock(c, nheads(c), rngs=rngs, **attn_kw)
 
         self.embed = NoiseEmbedding(embedding, ch, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
                                     fourier_scale=fourier_scale)
@@ -111,6 +129,8 @@ class UNet(nnx.Module):
         self.label_embed = (
             nnx.Embed(num_classes + 1, emb_dim, param_dtype=pdt, rngs=rngs) if num_classes > 0 else None
         )
+        self.pooled_embed = PooledEmbedding(int(pooled_dim), emb_dim, rngs=rngs, **kw) if pooled_dim else None
+        self.context_dim = context_dim
         self.conv_in = layers.Conv(in_ch, ch, 3, rngs=rngs, **kw)
 
         down, skips, cur, res = [], [ch], ch, height
@@ -119,9 +139,7 @@ class UNet(nnx.Module):
             blocks, attns = [], []
             for _ in range(int(num_res_blocks)):
                 blocks.append(layers.ResBlock(cur, out, emb_dim, rngs=rngs, **res_kw))
-                attns.append(
-                    layers.AttentionBlock(out, nheads(out), rngs=rngs, **attn_kw) if res in attn_down else None
-                )
+                attns.append(attention(out) if res in attn_down else None)
                 cur = out
                 skips.append(cur)
             resample = None
@@ -136,11 +154,7 @@ class UNet(nnx.Module):
         self.down = nnx.List(down)
 
         self.mid_res1 = layers.ResBlock(cur, cur, emb_dim, rngs=rngs, **res_kw)
-        self.mid_attn = (
-            layers.AttentionBlock(cur, nheads(cur), rngs=rngs, **attn_kw)
-            if mid_attention
-            else None
-        )
+        self.mid_attn = attention(cur) if mid_attention else None
         self.mid_res2 = layers.ResBlock(cur, cur, emb_dim, rngs=rngs, **res_kw)
 
         up = []
@@ -149,9 +163,7 @@ class UNet(nnx.Module):
             blocks, attns = [], []
             for _ in range(int(num_res_blocks) + 1):
                 blocks.append(layers.ResBlock(cur + skips.pop(), out, emb_dim, rngs=rngs, **res_kw))
-                attns.append(
-                    layers.AttentionBlock(out, nheads(out), rngs=rngs, **attn_kw) if res in attn_up else None
-                )
+                attns.append(attention(out) if res in attn_up else None)
                 cur = out
             resample = None
             if level != 0:
@@ -169,17 +181,23 @@ class UNet(nnx.Module):
         self.remat = bool(remat)
         self.dtype = dtype
 
-    def embed_noise(self, c_noise: Array, labels: Array | None, batch: int) -> Array:
-        """Noise-level (and class) embedding [B, 4 * channels]."""
+    def embed_noise(self, c_noise: Array, labels: Array | None, batch: int, pooled: Array | None = None) -> Array:
+        """Noise-level (and class, and pooled text) embedding [B, 4 * channels]."""
         c_noise = jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), (batch,))
         emb = self.time_mlp2(jax.nn.silu(self.time_mlp1(self.embed(c_noise).astype(self.dtype))))
+        emb = add_pooled_embedding(emb, self.pooled_embed, pooled)
         return add_label_embedding(emb, self.label_embed, self.num_classes, labels, batch)
 
     def __call__(
-        self, x: Array, c_noise: Array, labels: Array | None = None, *, dropout_key: Array | None = None
+        self, x: Array, c_noise: Array, labels: Array | None = None, *, context: Array | None = None,
+        context_mask: Array | None = None, pooled: Array | None = None, dropout_key: Array | None = None
     ) -> Array:
+        """context [B, S, context_dim], context_mask [B, S] (1 token, 0 padding), pooled [B, pooled_dim]:
+        the text embedding of a text model (diffax/models/text), None otherwise."""
         run = layers.call_block_remat if self.remat else layers.call_block
-        emb = self.embed_noise(c_noise, labels, x.shape[0])
+        emb = self.embed_noise(c_noise, labels, x.shape[0], pooled)
+        check_context(self.context_dim, context)
+        attend = (lambda attn, h: run(attn, h, context, context_mask)) if self.context_dim else run  # noqa: E731
         counter = iter(range(1 << 20))  # one dropout key per residual block
         key = lambda: layers.fold_key(dropout_key, next(counter))  # noqa: E731
 
@@ -189,20 +207,20 @@ class UNet(nnx.Module):
             for block, attn in zip(level.res, level.attn):
                 h = run(block, h, emb, key())
                 if attn is not None:
-                    h = run(attn, h)
+                    h = attend(attn, h)
                 hs.append(h)
             if level.resample is not None:
                 h = run(level.resample, h, emb, key())
                 hs.append(h)
         h = run(self.mid_res1, h, emb, key())
         if self.mid_attn is not None:
-            h = run(self.mid_attn, h)
+            h = attend(self.mid_attn, h)
         h = run(self.mid_res2, h, emb, key())
         for level in self.up:
             for block, attn in zip(level.res, level.attn):
                 h = run(block, jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1), emb, key())
                 if attn is not None:
-                    h = run(attn, h)
+                    h = attend(attn, h)
             if level.resample is not None:
                 h = run(level.resample, h, emb, key())
         return self.conv_out(jax.nn.silu(self.norm_out(h)))
@@ -220,3 +238,37 @@ def add_label_embedding(
     if labels is None:
         labels = jnp.full((batch,), num_classes, jnp.int32)
     return emb + table(jnp.asarray(labels, jnp.int32)).astype(emb.dtype)
+
+
+class PooledEmbedding(nnx.Module):
+    """Linear, SiLU, linear: a pooled text vector -> the width of the timestep embedding, added to it
+    (SDXL's add_embedding, Podell et al. 2023; SD3's text_embedder, Esser et al. 2024)."""
+
+    def __init__(self, pooled_dim: int, emb_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = layers.linear(pooled_dim, emb_dim, **kw)
+        self.linear_2 = layers.linear(emb_dim, emb_dim, **kw)
+
+    def __call__(self, pooled: Array) -> Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(pooled)))
+
+
+def add_pooled_embedding(emb: Array, table: PooledEmbedding | None, pooled: Array | None) -> Array:
+    """emb + MLP(pooled) for a model built with pooled_dim > 0 (which then needs `pooled`)."""
+    if table is None:
+        if pooled is not None:
+            raise ValueError("a pooled text embedding was passed to a model built with pooled_dim=0")
+        return emb
+    if pooled is None:
+        raise ValueError("this model was built with pooled_dim > 0 (a text model) and needs `pooled`")
+    return emb + table(jnp.asarray(pooled, emb.dtype)).astype(emb.dtype)
+
+
+def check_context(context_dim: int, context: Array | None) -> None:
+    """A text model needs its context, and a model without cross-attention must not silently ignore one."""
+    if context_dim and context is None:
+        raise ValueError("this model has cross-attention (context_dim > 0) and needs `context`: the text states")
+    if not context_dim and context is not None:
+        raise ValueError("text `context` was passed to a model built without cross-attention (context_dim=0)")
+    if context is not None and context.shape[-1] != context_dim:
+        raise ValueError(f"the text states are {context.shape[-1]} wide but the model's context_dim is {context_dim}")

@@ -133,7 +133,7 @@ def draw_samples(
     up to a multiple of the data axis). With a NamedSharding the batch is split over its first mesh axis
     (the data axis). The next chunk is dispatched before the previous one is copied to the host.
     Returns {"images": uint8 NHWC (round(clip((x+1)*127.5))) for image data (len(shape) == 3) or float32
-    otherwise, "labels": int32 [num_samples] or None}.
+    otherwise, "labels": int32 [num_samples] (text models: tokens [num_samples, 2, L]) or None}.
     """
     from tqdm.auto import tqdm
 
@@ -143,12 +143,12 @@ def draw_samples(
         noise = np.asarray(noise, np.float32)
         if noise.shape != (num_samples, *shape):
             raise ValueError(f"noise has shape {noise.shape}, expected {(num_samples, *shape)}")
-    if labels is not None:
+    if labels is not None:  # class labels [N], or a text model's tokens [N, 2, max_length]
         labels = np.asarray(labels, np.int32)
-        if labels.shape != (num_samples,):
-            raise ValueError(f"labels has shape {labels.shape}, expected ({num_samples},)")
+        if labels.shape[:1] != (num_samples,):
+            raise ValueError(f"labels has shape {labels.shape}, expected ({num_samples}, ...)")
     x_sharding = _batch_sharding(sharding, 1 + len(shape))
-    l_sharding = _batch_sharding(sharding, 1)
+    l_sharding = _batch_sharding(sharding, 1 if labels is None else labels.ndim)
     n_shards = 1
     if sharding is not None:
         n_shards = batch_shards(x_sharding)
@@ -176,7 +176,7 @@ def draw_samples(
                 z = _put(chunk, x_sharding)
             lab = None
             if labels is not None:
-                lab_np = np.zeros((batch_size,), np.int32)
+                lab_np = np.zeros((batch_size, *labels.shape[1:]), np.int32)
                 lab_np[: hi - lo] = labels[lo:hi]
                 lab = _put(lab_np, l_sharding)
             out = sample_fn(z, jax.random.fold_in(key, 1), lab)

@@ -49,7 +49,7 @@ def make_denoiser(
     *,
     guidance_scale: float = 1.0,
     guidance_interval: tuple[float, float] = (0.0, 1.0),
-    null_label: int | None = None,
+    null_label: Any = None,
     clip_x0: bool = False,
     dynamic_threshold: float = 0.0,
 ) -> Callable:
@@ -63,6 +63,8 @@ def make_denoiser(
     network call) outside it. Then x0 is clipped to [-1, 1] (`clip_x0`) or dynamically
     thresholded at the quantile `dynamic_threshold` in (0, 1] (Saharia et al. 2022), and eps
     re-derived from it. A learned-variance model's `var_interp` is the conditional one, as GLIDE.
+    For a text model `labels` are tokens [B, 2, L] and `null_label` the tokens [2, L] of the empty
+    (or the negative) prompt, the unconditional input of text guidance (Nichol et al. 2022, GLIDE).
     """
     net = raw_denoiser(apply_fn, schedule, parameterization)
     scale = float(guidance_scale)
@@ -87,7 +89,8 @@ def make_denoiser(
             inside = (t >= lo) & (t <= hi)
 
             def guide(_):
-                both = jnp.concatenate([labels, jnp.full_like(labels, int(null_label))])
+                null = jnp.broadcast_to(jnp.asarray(null_label, jnp.int32), labels.shape)
+                both = jnp.concatenate([labels, null])
                 c2 = None if c_noise is None else jnp.concatenate([jnp.broadcast_to(c_noise, t.shape)] * 2)
                 out = net(jnp.concatenate([z, z]), jnp.concatenate([t, t]), both, c2)
                 b = z.shape[0]

@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 
 from diffax import data, models, parameterization, schedules
+from diffax.training import text as text_lib
 
 
 @dataclasses.dataclass
@@ -28,15 +29,37 @@ class Diffusion:
     static_schedule: Any  # the schedule when it has no weights
     parameterization: Any
     params: Any  # initial weights
+    text_graphdef: Any = None  # text models: the text encoder (its weights are params["text"])
+    text_rest: Any = None
+    text_trainable: bool = False  # False: the encoder is frozen (no gradient, no update)
+    pooled: bool = False  # the network takes the pooled text vector
+    null_tokens: Any = None  # text models: int32 [2, max_length], the empty prompt (the null condition)
+    tokenizer: Any = None  # a pretrained encoder's own tokenizer (the small one's lives in the workdir)
 
     def apply_fn(self, params: Any, dropout_key: jax.Array | None = None) -> Callable:
-        """The network as apply_fn(z_in, c_noise, labels) for the diffusion math."""
+        """The network as apply_fn(z_in, c_noise, labels) for the diffusion math.
+
+        For a text model `labels` are tokens [B, 2, L] (ids, mask); they are encoded here and reach the
+        network as context / context_mask / pooled keyword arguments.
+        """
         net = nnx.merge(self.net_graphdef, params["net"], self.net_rest)
+        if self.text_graphdef is None:
+            def apply(z_in, c_noise, labels=None):
+                return net(z_in, c_noise, labels, dropout_key=dropout_key)
 
-        def apply(z_in, c_noise, labels=None):
-            return net(z_in, c_noise, labels, dropout_key=dropout_key)
+            return apply
+        text_params = params["text"] if self.text_trainable else jax.lax.stop_gradient(params["text"])
+        encoder = nnx.merge(self.text_graphdef, text_params, self.text_rest)
 
-        return apply
+        def apply_text(z_in, c_noise, tokens=None):
+            if tokens is None:
+                raise ValueError("a text model needs tokens (the empty prompt's for unconditional samples)")
+            ids, mask = tokens[:, 0], tokens[:, 1]
+            emb = encoder(ids, mask)
+            return net(z_in, c_noise, None, context=emb.hidden, context_mask=mask,
+                       pooled=emb.pooled if self.pooled else None, dropout_key=dropout_key)
+
+        return apply_text
 
     def schedule(self, params: Any) -> Any:
         if self.schedule_graphdef is None:
@@ -44,7 +67,10 @@ class Diffusion:
         return nnx.merge(self.schedule_graphdef, params["schedule"])
 
     @property
-    def null_label(self) -> int | None:
+    def null_label(self) -> Any:
+        """The null condition of guidance: the null class, or a text model's empty-prompt tokens."""
+        if self.null_tokens is not None:
+            return self.null_tokens
         return self.num_classes if self.num_classes else None
 
 
@@ -58,8 +84,11 @@ def build(config: Any, seed: int | None = None) -> Diffusion:
     shape = tuple(data.data_shape(config))
     n_classes = num_classes(config)
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1))
-    net = models.build_model(config.model, data_shape=shape, num_classes=n_classes, rngs=rngs)
+    text = build_text(config, seed) if text_lib.enabled(config) else {}
+    extra = {k: text.pop(k) for k in ("context_dim", "pooled_dim") if k in text}
+    net = models.build_model(config.model, data_shape=shape, num_classes=n_classes, rngs=rngs, **extra)
     net_graphdef, net_params, net_rest = nnx.split(net, nnx.Param, ...)
+    text_params = text.pop("params", {})
 
     image_size = shape[0] if len(shape) == 3 else None
     schedule = schedules.get_schedule(config.diffusion, image_size=image_size, seed=seed)
@@ -77,5 +106,33 @@ def build(config: Any, seed: int | None = None) -> Diffusion:
         schedule_graphdef=schedule_graphdef,
         static_schedule=static_schedule,
         parameterization=parameterization.get_parameterization(config.diffusion),
-        params={"net": net_params, "schedule": schedule_params},
+        params={"net": net_params, "schedule": schedule_params, **({"text": text_params} if text else {})},
+        **text,
     )
+
+
+def build_text(config: Any, seed: int) -> dict:
+    """The text encoder of config.text (Diffusion fields, and the network's context_dim / pooled_dim)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from diffax.models import text as text_models
+
+    t = config.text
+    if n_classes := num_classes(config):
+        raise ValueError(f"config.text.encoder={t.encoder!r} and config.data.conditional=True ({n_classes} classes): "
+                         "a model is conditioned on text or on class labels, not both; set one of them off.")
+    rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 3))
+    encoder, tokenizer = text_models.make_encoder(
+        str(t.encoder), vocab_size=int(t.vocab_size), max_length=int(t.max_length), width=int(t.width),
+        depth=int(t.depth), heads=int(t.heads), rngs=rngs)
+    null = (tokenizer or text_models.WordTokenizer(text_models.small.SPECIALS, int(t.max_length)))
+    null_tokens = text_lib.tokens_of(null, [""])[0]
+    probe = jnp.asarray(null_tokens[None])
+    emb = jax.eval_shape(lambda: encoder(probe[:, 0], probe[:, 1]))
+    pooled = bool(t.pooled) and emb.pooled is not None
+    graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
+    trainable = str(t.encoder) == "small" or bool(t.trainable)
+    return dict(text_graphdef=graphdef, text_rest=rest, text_trainable=trainable, pooled=pooled,
+                null_tokens=np.asarray(null_tokens), tokenizer=tokenizer, params=params,
+                context_dim=int(emb.hidden.shape[-1]), pooled_dim=int(emb.pooled.shape[-1]) if pooled else 0)

@@ -20,14 +20,18 @@ from diffax.training.build import Diffusion, build
 from diffax.training.step import state_layout
 
 
-def make_sample_fn(diffusion: Diffusion, config: Any, mesh: Any, param_shardings: Any) -> Callable:
-    """A jitted sample_fn(params, noise, key, labels) -> samples, its batch sharded over the mesh."""
+def make_sample_fn(diffusion: Diffusion, config: Any, mesh: Any, param_shardings: Any, null_label: Any = None) -> Callable:
+    """A jitted sample_fn(params, noise, key, labels) -> samples, its batch sharded over the mesh.
+
+    `null_label` replaces the model's null condition in guidance: a negative prompt's tokens.
+    """
     batch = parallel.batch_sharding(mesh)
     sampler = samplers.make_sampler(config)
+    null = diffusion.null_label if null_label is None else null_label
 
     def sample(params, noise, key, labels):
         return sampler(diffusion.schedule(params), diffusion.parameterization, diffusion.apply_fn(params),
-                       noise, key, labels, null_label=diffusion.null_label)
+                       noise, key, labels, null_label=null)
 
     sample_fn = jax.jit(
         sample,
@@ -63,6 +67,20 @@ class Inference:
     params: Any  # {"net": ..., "schedule": ...}: the EMA weights unless use_ema=False
     mesh: Any
     _sample: Callable  # make_sample_fn's sample(params, noise, key, labels)
+    tokenizer: Any = None  # text models: prompts -> tokens
+
+    @property
+    def is_text(self) -> bool:
+        return self.diffusion.null_tokens is not None
+
+    def prompt_tokens(self, prompts: list[str]) -> np.ndarray:
+        """int32 [N, 2, L]: the tokens of `prompts` for `draw(labels=...)`; an error for a model without text."""
+        if not self.is_text:
+            raise UserError("Prompts were given, but this run is not a text-to-image model (config.text.encoder is "
+                            "empty): drop --prompt / --prompts, or sample a text run.")
+        from diffax.training import text
+
+        return text.tokens_of(self.tokenizer, prompts)
 
     def sample_fn(self, noise, key, labels=None):
         """Samples from noise with the config's sampler (jitted and sharded)."""
@@ -87,6 +105,9 @@ class Inference:
         (training previews, `diffax sample`, the evaluation job); see `samplers.draw_samples`
         for the chunking, seeding and output format.
         """
+        if labels is None and self.is_text:
+            raise UserError("This is a text-to-image model: give prompts (diffax sample --prompt TEXT or --prompts FILE; "
+                            "--prompt '' draws unconditional samples).")
         if labels is None:
             labels = default_labels(num_samples, self.diffusion.num_classes)
         return samplers.draw_samples(
@@ -117,14 +138,16 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True, config: An
     mesh = parallel.make_mesh(config.mesh)
     diffusion = build(config)
     _, abstract, shardings = state_layout(diffusion, config, mesh)
-    sample = make_sample_fn(diffusion, config, mesh, shardings.ema)
+    tokenizer, null = text_tokenizer(config, workdir, diffusion)
+    sample = make_sample_fn(diffusion, config, mesh, shardings.ema, null_label=null)
     if ema_sigma_rel is not None:
         from diffax.training import posthoc_snapshots
 
         step, params = posthoc_snapshots.load(
             workdir, ema_sigma_rel, checkpoint.abstract_like(abstract.ema, shardings.ema),
             checkpoint.abstract_like(abstract.posthoc_ema, shardings.posthoc_ema), step)
-        return Inference(config=config, step=step, diffusion=diffusion, params=params, mesh=mesh, _sample=sample)
+        return Inference(config=config, step=step, diffusion=diffusion, params=params, mesh=mesh, _sample=sample,
+                         tokenizer=tokenizer)
     steps = checkpoint.all_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"No checkpoint in {checkpoint.checkpoint_dir(workdir)}: train first, or check --workdir.")
@@ -143,4 +166,17 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True, config: An
     finally:
         ckpt.close()
     params = state.ema if use_ema else state.params
-    return Inference(config=config, step=step, diffusion=diffusion, params=params, mesh=mesh, _sample=sample)
+    return Inference(config=config, step=step, diffusion=diffusion, params=params, mesh=mesh, _sample=sample,
+                     tokenizer=tokenizer)
+
+
+def text_tokenizer(config: Any, workdir: str, diffusion: Diffusion) -> tuple[Any, Any]:
+    """(tokenizer, null condition or None) of a text run: the null is config.sampling.negative_prompt's
+    tokens when one is set (else the model's empty prompt). (None, None) for other runs."""
+    if diffusion.null_tokens is None:
+        return None, None
+    from diffax.training import text
+
+    tokenizer = text.load_tokenizer(config, workdir, diffusion)
+    negative = str(config.sampling.get("negative_prompt", "") or "")
+    return tokenizer, (text.tokens_of(tokenizer, [negative])[0] if negative else None)

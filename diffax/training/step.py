@@ -36,6 +36,9 @@ def state_layout(diffusion: Diffusion, config: Any, mesh: Any) -> tuple[optax.Gr
     from diffax.training.state import make_optimizer
 
     tx = make_optimizer(config.optimizer, config.training.num_steps)
+    if "text" in diffusion.params and not diffusion.text_trainable:  # a frozen pretrained encoder: never updated
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   {k: "frozen" if k == "text" else "train" for k in diffusion.params})
     abstract = jax.eval_shape(lambda: init_state(diffusion, tx, len(config.training.posthoc_ema)))
     return tx, abstract, parallel.param_sharding(mesh, abstract, config.mesh.fsdp_min_size)
 
@@ -113,9 +116,13 @@ def _diffusion_value_and_grad(diffusion: Diffusion, config: Any) -> Callable:
         learn_sigma=bool(config.model.learn_sigma),
     )
 
+    caption_dropout = float(config.text.caption_dropout) if diffusion.null_tokens is not None else 0.0
+
     def value_and_grad(params: Any, batch: dict, key: jax.Array, step: jax.Array) -> tuple[tuple, Any]:
         noise_key, dropout_key = jax.random.split(key)
         labels = batch.get("label") if diffusion.num_classes else None
+        if diffusion.null_tokens is not None:  # text: the captions' tokens, some replaced by the empty prompt
+            labels = drop_captions(jax.random.fold_in(key, 7), batch["tokens"], caption_dropout, diffusion.null_tokens)
 
         def loss(params):
             apply = diffusion.apply_fn(params, dropout_key)
@@ -125,3 +132,13 @@ def _diffusion_value_and_grad(diffusion: Diffusion, config: Any) -> Callable:
         return jax.value_and_grad(loss, has_aux=True)(params)
 
     return value_and_grad
+
+
+def drop_captions(key: jax.Array, tokens: jax.Array, p: float, null_tokens: Any) -> jax.Array:
+    """Replace each caption's tokens [B, 2, L] by the empty prompt's [2, L] with probability p, so one
+    network learns the conditional and the unconditional model (Ho & Salimans 2022; GLIDE, Nichol et
+    al. 2022, drops 20% of captions; Imagen 10%)."""
+    if p <= 0:
+        return tokens
+    drop = jax.random.bernoulli(key, p, tokens.shape[:1])[:, None, None]
+    return jnp.where(drop, jnp.asarray(null_tokens, tokens.dtype)[None], tokens)

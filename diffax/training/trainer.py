@@ -26,6 +26,7 @@ from diffax.training import autoencoder, checkpoint, inference, latent, posthoc_
 from diffax.training import workdir as workdir_lib
 from diffax.training.build import build
 from diffax.training.state import TrainState, learning_rate_schedule
+from diffax.training import text as text_lib
 from diffax.training.step import init_state, make_train_step, state_layout
 from diffax.training.writers import MetricWriter, format_duration
 from diffax.visualize import save_samples
@@ -72,18 +73,29 @@ def _stack(batches: list[dict]) -> dict:
 class SampleGrids:
     """Writes the preview of samples during training: a grid (images) or a scatter plot (2-D data)."""
 
-    def __init__(self, diffusion, config, mesh, workdir, param_shardings, abstract_params):
+    def __init__(self, diffusion, config, mesh, workdir, param_shardings, abstract_params, source=None):
         self.config, self.workdir = config, workdir
-        self.sample = inference.make_sample_fn(diffusion, config, mesh, param_shardings)
+        tokenizer, null = inference.text_tokenizer(config, workdir, diffusion)
+        self.sample = inference.make_sample_fn(diffusion, config, mesh, param_shardings, null_label=null)
         self.run = inference.Inference(config=config, step=0, diffusion=diffusion, params=None, mesh=mesh,
-                                       _sample=self.sample)
+                                       _sample=self.sample, tokenizer=tokenizer)
         self.num_classes = diffusion.num_classes
         self.shape = diffusion.data_shape
         self.reference = None  # data points for 2-D scatter plots
+        self.tokens = None  # text models: the prompts' tokens, written beside the grids
+        if self.run.is_text:
+            prompts = text_lib.preview_prompts(config, source)
+            self.tokens = self.run.prompt_tokens(prompts)
+            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+            with open(os.path.join(workdir, "samples", "prompts.txt"), "w") as f:
+                f.write("".join(p + "\n" for p in prompts))
         # Trace the sampler once now, so a bad sampling setting stops the run before step 1, not at the first grid.
         n = mesh.size
         labels = jax.ShapeDtypeStruct((n,), jnp.int32) if self.num_classes else None
-        jax.eval_shape(getattr(self.sample, "sampler", self.sample), abstract_params, jax.ShapeDtypeStruct((n, *self.shape), jnp.float32),
+        if self.tokens is not None:
+            labels = jax.ShapeDtypeStruct((n, *self.tokens.shape[1:]), jnp.int32)
+        jax.eval_shape(getattr(self.sample, "sampler", self.sample), abstract_params,
+                       jax.ShapeDtypeStruct((n, *self.shape), jnp.float32),
                        jax.eval_shape(lambda: jax.random.key(0)), labels)
 
     metrics: dict[str, float] = {}  # nothing to log beside the picture (autoencoder.Reconstructions logs errors)
@@ -96,7 +108,7 @@ class SampleGrids:
         s = self.config.sampling
         params = state.ema if s.use_ema else state.params
         run = dataclasses.replace(self.run, step=step, params=params)
-        out = run.draw(s.num_samples, self.config.seed, progress=False)
+        out = run.draw(s.num_samples, self.config.seed, labels=self.tokens, progress=False)
         path = self.path(step)
         if jax.process_index() != 0:  # every process samples its share; process 0 draws the picture
             return None
@@ -153,9 +165,17 @@ def _set_up(config: Any, workdir: str) -> _Run:
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch_size(t.batch_size, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
-    iterator = data.make_iterator(config, sharding=batch_sharding)  # first: opening the data is quick
     train_autoencoder = t.task == "autoencoder"
-    diffusion = autoencoder.build(config) if train_autoencoder else build(config)
+    diffusion, tokenizer_for = None, None
+    if text_lib.enabled(config) and not train_autoencoder:
+        if config.text.encoder == "small":  # its vocabulary comes from the captions
+            tokenizer_for = text_lib.small_tokenizer_for_training(config, workdir)
+        else:  # a pretrained encoder brings its tokenizer
+            diffusion = build(config)
+            tokenizer_for = lambda source: diffusion.tokenizer  # noqa: E731
+    iterator = data.make_iterator(config, sharding=batch_sharding, tokenizer_for=tokenizer_for)  # opening the data is quick
+    if diffusion is None:
+        diffusion = autoencoder.build(config) if train_autoencoder else build(config)
     lr_schedule = learning_rate_schedule(config.optimizer, t.num_steps)
     tx, abstract, state_shardings = state_layout(diffusion, config, mesh)
     train_step = jax.jit(
@@ -172,7 +192,8 @@ def _set_up(config: Any, workdir: str) -> _Run:
         if train_autoencoder:  # a grid of reconstructions and the exported autoencoder instead of samples
             grids = autoencoder.Reconstructions(diffusion, config, workdir)
         else:
-            grids = SampleGrids(diffusion, config, mesh, workdir, state_shardings.ema, abstract.ema)
+            grids = SampleGrids(diffusion, config, mesh, workdir, state_shardings.ema, abstract.ema,
+                                source=getattr(iterator, "source", None))
         saved = ckpt.manager.all_steps()
         start, state = checkpoint.restore_newest(ckpt, checkpoint.abstract_like(abstract, state_shardings), iterator)
         if saved and start is None:  # never start over silently in place of a long run
