@@ -98,37 +98,44 @@ def _check(name, out: TextEmbedding, hidden_ref, pooled_ref, errors):
         errors.append(perr)
 
 
+def clip_final_norm(folder: str, h: np.ndarray) -> np.ndarray:
+    """CLIP's final LayerNorm in float64 numpy, with the folder's weights."""
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    prefix = "text_model." if "text_model.final_layer_norm.weight" in tensors else ""
+    w, b = tensors[f"{prefix}final_layer_norm.weight"], tensors[f"{prefix}final_layer_norm.bias"]
+    h = h.astype(np.float64)
+    return (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5) * w + b
+
+
+@nnx.jit
+def encode_all(encoders, ids, mask):
+    """Every variant of one folder in one compiled program (compile time dominates these tests)."""
+    return [encoder(ids, mask) for encoder in encoders]
+
+
 @pytest.mark.parametrize("name", FOLDERS)
 def test_encoder_matches_transformers(name, expected):
-    """last_hidden_state, every hidden state (layer=i without the final norm), the penultimate with the final
-    norm, pooled / projected, with and without the padding mask, under nnx.jit; within 1e-4."""
+    """last_hidden_state, every hidden state (layer=i without the final norm), CLIP's penultimate state with the
+    final norm, pooled / projected, with and without the padding mask, under nnx.jit; within 1e-4."""
     folder, errors = os.path.join(HERE, name), []
     ids, mask = expected[f"{name}/ids"], expected[f"{name}/mask"]
     pooled_key = POOLED.get(name)
+    cases = []  # (options, expected hidden, expected pooled)
     for masked in (True, False):
         tag = f"{name}/{'masked' if masked else 'unmasked'}"
         pooled = expected[f"{tag}/{pooled_key}"] if pooled_key else None
         states = expected[f"{tag}/hidden_states"]  # masked: all; unmasked: the last two
-        encoder, _ = load_text_encoder(folder, use_mask=masked)
-        _check(name, encode(encoder, ids, mask), expected[f"{tag}/last_hidden_state"], pooled, errors)
-        layers = range(len(states)) if masked else (-2,)
-        for layer in layers:
-            if name.startswith("t5") and layer in (-1, len(states) - 1):
+        cases.append((dict(use_mask=masked), expected[f"{tag}/last_hidden_state"], pooled))
+        for layer in range(len(states)) if masked else (-2,):
+            if name.startswith("t5") and layer == len(states) - 1:
                 continue  # transformers' T5 hidden_states[-1] is after the final norm: last_hidden_state
-            encoder, _ = load_text_encoder(folder, use_mask=masked, layer=layer, final_norm=False)
-            _check(name, encode(encoder, ids, mask), states[layer], pooled, errors)
+            cases.append((dict(use_mask=masked, layer=layer, final_norm=False), states[layer], pooled))
+        if name.startswith("clip"):  # diffusers' clip_skip=1 (SD 1.x / 2.x): final_layer_norm(hidden_states[-2])
+            cases.append((dict(use_mask=masked, layer=-2), clip_final_norm(folder, states[-2]), pooled))
+    encoders = [load_text_encoder(folder, **options)[0] for options, _, _ in cases]
+    for out, (_, hidden, pooled) in zip(encode_all(encoders, ids, mask), cases):
+        _check(name, out, hidden, pooled, errors)
     print(f"{name}: max abs error vs transformers {max(errors):.2e}")
-
-
-def test_clip_penultimate_with_final_norm(expected):
-    """diffusers' clip_skip=1 for SD 1.x / 2.x: final_layer_norm(hidden_states[-2])."""
-    encoder, _ = load_text_encoder(os.path.join(HERE, "clip"), layer=-2)
-    out = encode(encoder, expected["clip/ids"], expected["clip/mask"])
-    h = expected["clip/unmasked/hidden_states"][-2].astype(np.float64)
-    tensors = load_file(os.path.join(HERE, "clip", "model.safetensors"))
-    w, b = tensors["text_model.final_layer_norm.weight"], tensors["text_model.final_layer_norm.bias"]
-    ref = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5) * w + b
-    assert np.abs(np.asarray(out.hidden) - ref).max() < TOL
 
 
 def test_bfloat16_activations_float32_params(expected):
@@ -260,3 +267,16 @@ def test_bad_options_are_errors():
         load_text_encoder(os.path.join(HERE, "clip"), max_length=20)
     _, tok = load_text_encoder(os.path.join(HERE, "t5"), max_length=40)  # T5: any length
     assert tokenize(tok, PROMPTS)[0].shape == (len(PROMPTS), 40)
+
+
+def test_benchmark_counts_t5_flops_in_closed_form():
+    from benchmarks import text as text_bench
+
+    result = text_bench.main(["--quick", "--layout", "t5", "--repeats", "1", "--batch", "2", "--length", "8"])
+    row, c = result["t5_tiny"], text_bench.T5_SIZES["tiny"]
+    tokens, inner = 2 * 8, c["num_heads"] * c["d_kv"]
+    per_block = (2 * tokens * c["d_model"] * inner * 4  # q, k, v, o
+                 + 2 * 2 * tokens * 8 * inner  # q k^T and weights @ v
+                 + 2 * tokens * c["d_model"] * c["d_ff"] * 3)  # wi, wi_gate, wo
+    assert row["flops"] == per_block * c["num_layers"]
+    assert row["prompts_per_s"] == pytest.approx(2 / row["seconds_per_batch"])
