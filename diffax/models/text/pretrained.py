@@ -64,14 +64,15 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
     if not any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
         return load_file(path)
     import ml_dtypes
 
     types = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64,
              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-    start = 8 + int.from_bytes(open(path, "rb").read(8), "little")
+    start = 8 + size
     data = np.memmap(path, np.uint8, mode="r")
     out = {}
     for name, info in header.items():
@@ -105,6 +106,9 @@ class Tensors:
 
     def __init__(self, tensors: dict[str, np.ndarray], source: str):
         self._tensors, self._used, self.source = tensors, set(), source
+
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
 
     def has(self, name: str) -> bool:
         return name in self._tensors
@@ -186,7 +190,8 @@ def load_text_encoder(path: str, *, layer: int = -1, final_norm: bool = True, us
     config_path = os.path.join(path, CONFIG_FILE)
     config = read_config(path)
     kind = encoder_kind(config, config_path)
-    tensors = Tensors(read_tensors(path), os.path.join(path, WEIGHTS_FILE))
+    weights = os.path.join(path, WEIGHTS_FILE)
+    tensors = Tensors(read_tensors(path), weights if os.path.exists(weights) else os.path.join(path, WEIGHTS_INDEX))
     options = dict(layer=layer, final_norm=final_norm, dtype=dtype, param_dtype="float32")
     if kind == "clip":
         full = config.get("model_type") == "clip"
@@ -198,7 +203,7 @@ def load_text_encoder(path: str, *, layer: int = -1, final_norm: bool = True, us
         kwargs = clip_kwargs(text_config, projection=projection)
         kwargs["use_mask"] = bool(config.get("use_attention_mask", False)) if use_mask is None else bool(use_mask)
         model = nnx.eval_shape(lambda: CLIPTextEncoder(**kwargs, **options, rngs=nnx.Rngs(0)))
-        prefix = "text_model." if any(n.startswith("text_model.") for n in tensors._tensors) else ""
+        prefix = "text_model." if any(n.startswith("text_model.") for n in tensors.names()) else ""
         tensors.ignore(lambda n: n.endswith("embeddings.position_ids"))  # a buffer, arange(max_positions)
         if full:
             tensors.ignore(lambda n: n.startswith(("vision_model.", "visual_projection.")) or n == "logit_scale")
