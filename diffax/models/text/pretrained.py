@@ -10,8 +10,8 @@ model.safetensors.index.json + shards; float32, float16 or bfloat16 tensors) and
 folder, whose tokenizer lies in the sibling tokenizer*/ folder. config.json's model_type picks the
 encoder:
 
-  clip_text_model   CLIPTextModel (pooled: final state at the end token) or, with
-                    architectures CLIPTextModelWithProjection, its projected pooled vector
+  clip_text_model   CLIPTextModel (pooled: final state at the end token) or, when config.json's
+                    architectures says CLIPTextModelWithProjection, its projected pooled vector
   clip              a full CLIPModel: the text tower and text_projection (vision tensors ignored)
   t5, mt5           T5EncoderModel (or the encoder of T5ForConditionalGeneration / T5Model;
                     decoder tensors ignored); pooled is None
@@ -190,41 +190,42 @@ def load_text_encoder(path: str, *, layer: int = -1, final_norm: bool = True, us
     config_path = os.path.join(path, CONFIG_FILE)
     config = read_config(path)
     kind = encoder_kind(config, config_path)
-    weights = os.path.join(path, WEIGHTS_FILE)
-    tensors = Tensors(read_tensors(path), weights if os.path.exists(weights) else os.path.join(path, WEIGHTS_INDEX))
-    options = dict(layer=layer, final_norm=final_norm, dtype=dtype, param_dtype="float32")
+    full = config.get("model_type") == "clip"  # a whole CLIPModel: its text tower and text_projection
     if kind == "clip":
-        full = config.get("model_type") == "clip"
-        arch = config.get("architectures") or []
-        projection = full or "CLIPTextModelWithProjection" in arch or tensors.has("text_projection.weight")
+        projection = full or "CLIPTextModelWithProjection" in (config.get("architectures") or [])
         text_config = dict(config.get("text_config") or {}) if full else config
         if full and "projection_dim" in config:
             text_config["projection_dim"] = config["projection_dim"]
         kwargs = clip_kwargs(text_config, projection=projection)
         kwargs["use_mask"] = bool(config.get("use_attention_mask", False)) if use_mask is None else bool(use_mask)
+    else:
+        kwargs = t5_kwargs(config)
+        kwargs["use_mask"] = True if use_mask is None else bool(use_mask)
+
+    # the tokenizer first: a mismatch is found before a large checkpoint is read
+    tok = load_tokenizer(tokenizer or _tokenizer_folder(path), kind=kind, max_length=max_length,
+                         max_positions=kwargs.get("max_positions"))  # fmt: skip
+    if tok.vocab_size > kwargs["vocab_size"]:
+        raise UserError(f"tokenizer does not match its encoder: {tok.source} has {tok.vocab_size} tokens, "
+                        f"{config_path} has vocab_size {kwargs['vocab_size']}; pass the tokenizer saved with this "
+                        "encoder")
+
+    weights = os.path.join(path, WEIGHTS_FILE)
+    tensors = Tensors(read_tensors(path), weights if os.path.exists(weights) else os.path.join(path, WEIGHTS_INDEX))
+    options = dict(layer=layer, final_norm=final_norm, dtype=dtype, param_dtype="float32")
+    if kind == "clip":
         model = nnx.eval_shape(lambda: CLIPTextEncoder(**kwargs, **options, rngs=nnx.Rngs(0)))
         prefix = "text_model." if any(n.startswith("text_model.") for n in tensors.names()) else ""
         tensors.ignore(lambda n: n.endswith("embeddings.position_ids"))  # a buffer, arange(max_positions)
         if full:
             tensors.ignore(lambda n: n.startswith(("vision_model.", "visual_projection.")) or n == "logit_scale")
-        values = clip_weights(tensors.take, prefix, kwargs["num_layers"], projection)
-        max_positions = kwargs["max_positions"]
+        values = clip_weights(tensors.take, prefix, kwargs["num_layers"], kwargs["projection_dim"] > 0)
     else:
-        kwargs = t5_kwargs(config)
-        kwargs["use_mask"] = True if use_mask is None else bool(use_mask)
         model = nnx.eval_shape(lambda: T5Encoder(**kwargs, **options, rngs=nnx.Rngs(0)))
         tensors.ignore(lambda n: n.startswith(("decoder.", "lm_head.")))  # T5ForConditionalGeneration / T5Model
         values = t5_weights(tensors.take, tensors.has, kwargs["num_layers"], kwargs["gated"])
-        max_positions = None
     tensors.check_all_used()
     set_params(model, values, tensors.source)
-
-    tok = load_tokenizer(tokenizer or _tokenizer_folder(path), kind=kind, max_length=max_length,
-                         max_positions=max_positions)  # fmt: skip
-    if tok.vocab_size > kwargs["vocab_size"]:
-        raise UserError(f"tokenizer does not match its encoder: {tok.source} has {tok.vocab_size} tokens, "
-                        f"{config_path} has vocab_size {kwargs['vocab_size']}; pass the tokenizer saved with this "
-                        "encoder")
     return model, tok
 
 
