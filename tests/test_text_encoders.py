@@ -156,7 +156,7 @@ def test_bfloat16_activations_float32_params(expected):
         assert out.hidden.dtype == jnp.bfloat16
         ref = expected[f"{name}/masked/last_hidden_state"]
         rel = np.abs(np.asarray(out.hidden, np.float32) - ref).max() / np.abs(ref).max()
-        assert rel < 0.05, (name, rel)
+        assert rel < 0.08, (name, rel)  # CPU: CLIP 0.9%, T5 3.7% (unscaled logits of wide random weights)
 
 
 def test_relative_position_buckets_match_transformers(expected):

@@ -16,7 +16,8 @@ encoder:
   t5, mt5           T5EncoderModel (or the encoder of T5ForConditionalGeneration / T5Model;
                     decoder tensors ignored); pooled is None
 
-Every tensor of the file must find a place in the encoder (an error names those that do not),
+encoder.hidden_size (D) and encoder.pooled_size (P; 0 when pooled is None) size the denoiser's
+cross-attention and pooled-vector inputs. Every tensor of the file must find a place in the encoder (an error names those that do not),
 except the ones listed above and CLIP's position_ids buffer. Parameters are float32; `dtype`
 sets the activations (bfloat16 on accelerators). Freezing the encoder is the caller's business
 (e.g. call it on nnx.state(encoder) captured as a constant, or stop_gradient its output).
