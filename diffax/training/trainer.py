@@ -73,7 +73,7 @@ def _stack(batches: list[dict]) -> dict:
 class SampleGrids:
     """Writes the preview of samples during training: a grid (images) or a scatter plot (2-D data)."""
 
-    def __init__(self, diffusion, config, mesh, workdir, param_shardings, abstract_params, source=None):
+    def __init__(self, diffusion, config, mesh, workdir, param_shardings, abstract_params, *, source=None):
         self.config, self.workdir = config, workdir
         tokenizer, null = inference.text_tokenizer(config, workdir, diffusion)
         self.sample = inference.make_sample_fn(diffusion, config, mesh, param_shardings, null_label=null)

@@ -71,7 +71,7 @@ class RMSNorm(nnx.Module):
 class T5Block(nnx.Module):
     """x + o(attn(norm(x)) + position bias, unscaled), then x + wo(ff(norm(x))) (T5Block of an encoder)."""
 
-    def __init__(self, d_model: int, d_kv: int, d_ff: int, heads: int, eps: float, act: str, gated: bool, *, dtype,
+    def __init__(self, d_model: int, d_kv: int, d_ff: int, heads: int, *, eps: float, act: str, gated: bool, dtype,
                  param_dtype, rngs):  # fmt: skip
         kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         inner = heads * d_kv
@@ -114,7 +114,7 @@ class T5Encoder(nnx.Module):
         self.token_embedding = nnx.Embed(vocab_size, d_model, param_dtype=kw["param_dtype"], rngs=rngs)
         self.position_bias = nnx.Param(jnp.zeros((num_buckets, num_heads), kw["param_dtype"]))  # [bucket, head]
         self.blocks = stack_layers(
-            lambda r: T5Block(d_model, d_kv, d_ff, num_heads, layer_norm_eps, ff_act, gated, rngs=r, **kw),
+            lambda r: T5Block(d_model, d_kv, d_ff, num_heads, eps=layer_norm_eps, act=ff_act, gated=gated, rngs=r, **kw),
             num_layers, rngs)  # fmt: skip
         self.final_norm = RMSNorm(d_model, layer_norm_eps, **kw)
         self.num_buckets, self.max_distance = int(num_buckets), int(max_distance)
