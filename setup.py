@@ -28,6 +28,7 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "safetensors>=0.4",
+        "tokenizers>=0.15",  # tokenizer.json of pretrained text encoders (CLIP, T5)
         "diffrax>=0.6",
         "tqdm>=4.66",
         "submitit>=1.5",  # diffax sweep launches trials through it (local processes, SLURM)

@@ -1,0 +1,139 @@
+"""Text-encoder benchmark: `python -m benchmarks.text [--quick] [--layout clip,t5] [--clip L] [--t5 base]
+[--batch 64] [--length 77] [--dtype bfloat16] [--folder DIR] [--output R.json]`.
+
+Measures, on whatever devices JAX finds, the encoders of diffax.models.text.pretrained with random
+weights at the sizes of the released models (no download):
+
+  prompts_per_s     batch / (median time of one jitted encoder call on a fixed [batch, length] batch,
+                    over repeats after a warm-up)
+  compile_s         the first call's trace + compile time
+  flops, mfu        matrix-product FLOPs of one call (benchmarks/common.py matmul_flops) and the
+                    achieved fraction of the device's dense bf16 peak (None where unknown, e.g. CPU)
+  tokenize_per_s    with --folder: the folder's tokenizer on `batch` prompts (host side), and the
+                    folder's own encoder measured beside the random-weight ones
+
+CLIP sizes (text tower): L (ViT-L/14, SD 1.x: 768 wide, 12 blocks), H (OpenCLIP ViT-H/14, SD 2.x:
+1024, 23 blocks as diffusers ships it), bigG (OpenCLIP ViT-bigG/14, SDXL's second encoder: 1280,
+32 blocks, projection 1280). T5 sizes (v1.1 encoders, gated-gelu): small, base, large, xl, xxl (4096
+wide, 24 blocks: Imagen / SD3 / Flux; needs ~19 GB for float32 parameters). --quick: tiny sizes,
+batch 8, few repeats, a CPU smoke run. Wall-clock figures are only meaningful on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+import jax
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import environment, matmul_flops, median, peak_flops
+
+# name -> CLIPTextEncoder keyword arguments (from the released config.json files)
+CLIP_SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4),
+    "L": dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12),
+    "H": dict(hidden_size=1024, intermediate_size=4096, num_layers=23, num_heads=16, hidden_act="gelu"),
+    "bigG": dict(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, hidden_act="gelu",
+                 projection_dim=1280),
+}
+# name -> T5Encoder keyword arguments (google/t5-v1_1-* encoders)
+T5_SIZES = {
+    "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
+    "small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6),
+    "base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12),
+    "large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16),
+    "xl": dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32),
+    "xxl": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
+}
+
+
+def build(layout: str, size: str, dtype: str, length: int) -> nnx.Module:
+    """A random-weight encoder of the layout and size (parameters initialised in one jitted program)."""
+    from diffax.models import construct
+    from diffax.models.text.pretrained import CLIPTextEncoder, T5Encoder
+
+    if layout == "clip":
+        kw = dict(vocab_size=49408, max_positions=max(77, length), eos_token_id=49407, **CLIP_SIZES[size])
+        return construct(lambda r: CLIPTextEncoder(**kw, dtype=dtype, rngs=r), nnx.Rngs(0))
+    kw = dict(vocab_size=32128, ff_act="gelu_new", gated=True, **T5_SIZES[size])
+    return construct(lambda r: T5Encoder(**kw, dtype=dtype, rngs=r), nnx.Rngs(0))
+
+
+def measure(encoder: nnx.Module, ids: np.ndarray, mask: np.ndarray, repeats: int) -> dict:
+    """prompts/s, compile time and FLOPs of one jitted call of `encoder` on (ids, mask)."""
+    graphdef, state = nnx.split(encoder)
+    fn = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(state, ids, mask))
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(state, ids, mask))
+        times.append(time.perf_counter() - start)
+    seconds = median(times)
+    flops = matmul_flops(fn, state, ids, mask)
+    peak = peak_flops(jax.devices()[0].device_kind)
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(encoder, nnx.Param)))
+    return {"prompts_per_s": ids.shape[0] / seconds, "seconds_per_batch": seconds, "compile_s": compile_s,
+            "params": int(params), "flops": flops, "flops_per_s": flops / seconds,
+            "mfu": None if peak is None else flops / seconds / (peak * jax.device_count())}
+
+
+def main(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, batch 8, 3 repeats: a CPU smoke run")
+    p.add_argument("--layout", default="clip,t5", help="comma-separated: clip, t5")
+    p.add_argument("--clip", choices=sorted(CLIP_SIZES), help="default L (--quick: tiny)")
+    p.add_argument("--t5", choices=sorted(T5_SIZES), help="default base (--quick: tiny)")
+    p.add_argument("--batch", type=int, help="default 64 (--quick: 8)")
+    p.add_argument("--length", type=int, default=77, help="tokens per prompt")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="activations; default bfloat16 (--quick: float32)")
+    p.add_argument("--repeats", type=int, help="default 10 (--quick: 3)")
+    p.add_argument("--folder", default="", help="also a transformers folder's own encoder and tokenizer")
+    p.add_argument("--output", default="")
+    args = p.parse_args(argv)
+    defaults = dict(clip="tiny", t5="tiny", batch=8, repeats=3, dtype="float32") if args.quick else dict(
+        clip="L", t5="base", batch=64, repeats=10, dtype="bfloat16")
+    for name, value in defaults.items():  # explicit flags win over --quick
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    rng = np.random.default_rng(0)
+    result = {"environment": environment(sys.argv), "batch": args.batch, "length": args.length, "dtype": args.dtype}
+    for layout in [x.strip() for x in args.layout.split(",") if x.strip()]:
+        if layout not in ("clip", "t5"):
+            raise SystemExit(f"--layout: unknown {layout!r}; valid: clip, t5")
+        size = args.clip if layout == "clip" else args.t5
+        encoder = build(layout, size, args.dtype, args.length)
+        vocab = 49406 if layout == "clip" else 32000
+        ids = rng.integers(0, vocab, (args.batch, args.length)).astype(np.int32)
+        ids[:, -1] = 49407 if layout == "clip" else 1  # an end token, as the tokenizers write
+        result[f"{layout}_{size}"] = measure(encoder, ids, np.ones_like(ids), args.repeats)
+        del encoder
+    if args.folder:
+        from diffax.models.text.pretrained import load_text_encoder
+
+        encoder, tok = load_text_encoder(args.folder, dtype=args.dtype)
+        prompts = [f"a photograph of an astronaut riding a horse, number {i}" for i in range(args.batch)]
+        times = []
+        with warnings.catch_warnings():  # a long prompt warns once per call
+            warnings.simplefilter("ignore")
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                ids, mask = tok(prompts)
+                times.append(time.perf_counter() - start)
+        result["folder"] = {"path": args.folder, "tokenize_per_s": args.batch / median(times),
+                            **measure(encoder, ids, mask, args.repeats)}
+    print(json.dumps({k: v for k, v in result.items() if k != "environment"}, indent=2))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
