@@ -217,7 +217,8 @@ def _define_nothing(fv: flags.FlagValues) -> None:
 # ----------------------------------------------------------------------------- import-diffusers
 def _define_import(fv: flags.FlagValues) -> None:
     _config_flag(fv, False)
-    flags.DEFINE_string("src", None, "A diffusers pipeline folder (unet/, scheduler/) or a UNet2DModel folder "
+    flags.DEFINE_string("src", None, "A diffusers pipeline folder (unet/, scheduler/; a Stable Diffusion 1.x / 2.x "
+                        "pipeline also vae/, text_encoder/, tokenizer/) or a UNet2DModel folder "
                         "(config.json + diffusion_pytorch_model.safetensors).", flag_values=fv)
     flags.DEFINE_string("workdir", None, "The new run folder: config.json and a step-0 checkpoint.", flag_values=fv)
 
@@ -230,6 +231,22 @@ def _import_diffusers(fv: flags.FlagValues, args: list[str]) -> None:
     print(f"imported {fv.src} into {fv.workdir} (step 0; {config.diffusion.schedule} schedule, "
           f"{config.diffusion.prediction} prediction). Sample: diffax sample --workdir {fv.workdir} --output DIR; "
           f"fine-tune: diffax train --workdir {fv.workdir}")
+
+
+# ----------------------------------------------------------------------------- export-diffusers
+def _define_export(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "The run to export.", flag_values=fv)
+    flags.DEFINE_string("output", None, "A new folder: unet/ and scheduler/ (and, for a run imported from a Stable "
+                        "Diffusion pipeline, its vae/, text_encoder/, tokenizer/ and model_index.json).", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+    flags.DEFINE_bool("ema", True, "Export the EMA weights (--noema: the raw weights).", flag_values=fv)
+
+
+def _export_diffusers(fv: flags.FlagValues, args: list[str]) -> None:
+    from diffax.training import importing
+
+    out = importing.export_diffusers(fv.workdir, fv.output, use_ema=fv.ema, step=fv.step)
+    print(f"exported step {out['step']} of {fv.workdir} as a diffusers {out['unet']['_class_name']} in {fv.output}")
 
 
 # ----------------------------------------------------------------------------- encode-data
@@ -322,8 +339,12 @@ COMMANDS = {
                 _define_prepare, _prepare, required=("config",), distributed=False),
         Command("convert-inception", "Convert NVIDIA's inception-2015-12-05.pt or pytorch-fid's .pth to diffax's .npz.",
                 _define_nothing, _convert_inception, positional="SRC DST.npz", distributed=False),
-        Command("import-diffusers", "Turn a diffusers UNet2DModel checkpoint into a diffax run (sample or fine-tune).",
-                _define_import, _import_diffusers, required=("src", "workdir")),
+        Command("import-diffusers", "Turn a diffusers UNet2DModel checkpoint or Stable Diffusion 1.x / 2.x pipeline "
+                "folder into a diffax run (sample or fine-tune).", _define_import, _import_diffusers,
+                required=("src", "workdir")),
+        Command("export-diffusers", "Write a run's UNet and scheduler in diffusers' format (UNet2DModel or "
+                "UNet2DConditionModel).", _define_export, _export_diffusers, required=("workdir", "output"),
+                distributed=False),
         Command("encode-data", "Encode a config's data set once with config.autoencoder.path (a latent cache).",
                 _define_encode, _encode_data, required=("config", "output")),
         Command("ema-reconstruct", "Reconstruct a post-hoc EMA of any length from a run's snapshots (EDM2).",
