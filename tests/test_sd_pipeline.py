@@ -1,0 +1,170 @@
+"""Stable Diffusion pipeline folders: the imported UNet predicts what diffusers' UNet2DConditionModel does, an
+imported pipeline samples what StableDiffusionPipeline draws from the same noise, prompts, scheduler, steps and
+guidance, and bad folders are errors naming what is wrong.
+
+Fixtures: tests/fixtures/make_sd_pipeline_fixture.py (tiny random-weight SD 1.x pipeline and SD 2.x-style UNet).
+"""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffax.errors import UserError
+from diffax.models import diffusers_sd
+from diffax.models.diffusers import UnsupportedDiffusersConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "sd_pipeline")
+PIPELINE = os.path.join(FIXTURE, "pipeline")
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return np.load(os.path.join(FIXTURE, "expected.npz"))
+
+
+@pytest.mark.parametrize("prefix,folder", [("unet", "pipeline/unet"), ("unet_sd2", "unet_sd2")])
+def test_unet_matches_diffusers(expected, prefix, folder):
+    """SD 1.x layout (8-style head count, conv projections) and SD 2.x layout (heads per level, linear
+    projections, two transformer layers, cross-attention up blocks): within 1e-4 of diffusers."""
+    model_fields, context_dim, data_fields, model = diffusers_sd.load_cond_unet(os.path.join(FIXTURE, folder))
+    assert context_dim == 32 and data_fields == dict(image_size=8, channels=4)
+    if prefix == "unet_sd2":
+        assert model_fields["head_channels"] == 4 and model_fields["transformer_depth"] == 2
+        assert model_fields["use_linear_projection"]
+    x = jnp.asarray(expected[f"{prefix}_x"].transpose(0, 2, 3, 1))
+    out = nnx.jit(lambda m, x, t, c: m(x, t, context=c))(
+        model, x, jnp.asarray(expected[f"{prefix}_t"], jnp.float32), jnp.asarray(expected[f"{prefix}_context"]))
+    ref = expected[f"{prefix}_out"].transpose(0, 2, 3, 1)
+    assert np.abs(ref).max() > 0.1  # the comparison is not against ~0
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from configs.default import get_config
+    from diffax.training import importing
+
+    path = str(tmp_path_factory.mktemp("sd") / "run")
+    importing.import_diffusers(PIPELINE, path, get_config())
+    return path
+
+
+def test_import_writes_a_latent_text_run(workdir):
+    from diffax import configuration
+
+    config = configuration.load(os.path.join(workdir, "config.json"))
+    assert config.text.encoder == os.path.join(PIPELINE, "text_encoder") and not config.text.mask_context
+    assert config.autoencoder.path == os.path.join(PIPELINE, "vae")
+    assert config.data.image_size == 16 and config.data.channels == 3  # 8x8 latents, VAE factor 2
+    assert (config.diffusion.schedule, config.sampling.sampler, config.sampling.steps_offset) == ("scaled_linear",
+                                                                                                 "ddim", 1)
+    assert not config.sampling.final_alpha_one and config.sampling.guidance_scale == 7.5
+
+
+def test_sampling_matches_stable_diffusion_pipeline(workdir, expected, tmp_path):
+    """StableDiffusionPipeline(prompts, latents, DDIM 4 steps, guidance 3) -> float images in [0, 1] (output_type
+    "np"); diffax's decoded samples in [-1, 1] map to them by x / 2 + 0.5. Tolerance 1e-4 absolute on images of
+    range ~0.7 (std 0.1): float32 differences of the two implementations through 8 UNet calls and the VAE."""
+    from diffax import cli
+    from diffax.training import inference
+
+    config = inference.load(workdir).config
+    config.sampling.steps, config.sampling.guidance_scale = int(expected["steps"]), float(expected["guidance_scale"])
+    run = inference.load(workdir, config=config)
+    prompts = [str(p) for p in expected["prompts"]]
+    noise = expected["latents"].transpose(0, 2, 3, 1)  # NCHW -> NHWC; DDIM's init_noise_sigma is 1
+    images = np.asarray(run.sample_fn(jnp.asarray(noise), jax.random.key(0), jnp.asarray(run.prompt_tokens(prompts))))
+    ref = expected["images"]
+    np.testing.assert_allclose(np.clip(images / 2 + 0.5, 0, 1), ref, atol=1e-4, rtol=0)
+    # the same through the command line: uint8 samples equal diffusers' rounded to 8 bits
+    np.save(tmp_path / "noise.npy", noise)
+    argv = ["sample", "--workdir", workdir, "--output", str(tmp_path), "--noise", str(tmp_path / "noise.npy"),
+            "--num_samples", "2", "--steps", str(int(expected["steps"])), "--guidance_scale",
+            str(float(expected["guidance_scale"]))] + [a for p in prompts for a in ("--prompt", p)]
+    cli.run(["diffax", *argv])
+    got = np.load(tmp_path / "samples.npz")["images"].astype(int)
+    assert np.abs(got - np.round(ref * 255)).max() <= 1
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _copy(tmp_path, without: str = "") -> str:
+    dst = str(tmp_path / "pipe")
+    shutil.copytree(PIPELINE, dst, ignore=shutil.ignore_patterns(without) if without else None)
+    return dst
+
+
+def _edit_json(path: str, **changes) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    data.update(changes)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def test_missing_component_is_named(tmp_path):
+    with pytest.raises(UserError, match="no vae/ folder"):
+        diffusers_sd.load_sd_pipeline(_copy(tmp_path, "vae"))
+
+
+def test_unsupported_component_class_is_named(tmp_path):
+    src = _copy(tmp_path)
+    _edit_json(os.path.join(src, "model_index.json"), text_encoder=["transformers", "T5EncoderModel"])
+    with pytest.raises(UnsupportedDiffusersConfig, match="text_encoder is a T5EncoderModel"):
+        diffusers_sd.load_sd_pipeline(src)
+    src2 = str(tmp_path / "b")
+    shutil.copytree(PIPELINE, src2)
+    _edit_json(os.path.join(src2, "scheduler", "scheduler_config.json"), _class_name="LMSDiscreteScheduler")
+    with pytest.raises(UnsupportedDiffusersConfig, match="LMSDiscreteScheduler"):
+        diffusers_sd.load_sd_pipeline(src2)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("addition_embed_type", "text_time", "addition_embed_type.*SDXL"),
+    ("class_embed_type", "timestep", "class_embed_type"),
+    ("down_block_types", ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"], "SimpleCrossAttnDownBlock2D"),
+    ("only_cross_attention", True, "only_cross_attention"),
+    ("transformer_layers_per_block", [1, 2], "transformer_layers_per_block"),
+])
+def test_unsupported_options_are_named(key, value, message):
+    with open(os.path.join(PIPELINE, "unet", "config.json")) as f:
+        cfg = json.load(f)
+    with pytest.raises(UnsupportedDiffusersConfig, match=message):
+        diffusers_sd.cond_unet_config_to_diffax({**cfg, key: value})
+
+
+def test_weights_not_matching_config_are_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    src = _copy(tmp_path)
+    unet = os.path.join(src, "unet")
+    _edit_json(os.path.join(unet, "config.json"), layers_per_block=2)
+    with pytest.raises(UnsupportedDiffusersConfig, match="does not match.*lacks tensor"):
+        diffusers_sd.load_cond_unet(unet)
+    _edit_json(os.path.join(unet, "config.json"), layers_per_block=1, cross_attention_dim=24)
+    with pytest.raises(UnsupportedDiffusersConfig, match="shape mismatch.*attn2.to_k"):
+        diffusers_sd.load_cond_unet(unet)
+    _edit_json(os.path.join(unet, "config.json"), cross_attention_dim=32)
+    weights = os.path.join(unet, "diffusion_pytorch_model.safetensors")
+    tensors = load_file(weights)
+    save_file({**tensors, "extra.weight": np.zeros(3, np.float32)}, weights)
+    with pytest.raises(UnsupportedDiffusersConfig, match="no place.*extra.weight"):
+        diffusers_sd.load_cond_unet(unet)
+    with open(weights, "wb") as f:
+        f.write(b"\x00" * 10)
+    with pytest.raises(UserError, match="cannot be read as safetensors"):
+        diffusers_sd.load_cond_unet(unet)
+
+
+def test_text_encoder_width_must_match_cross_attention(tmp_path):
+    src = _copy(tmp_path)
+    _edit_json(os.path.join(src, "unet", "config.json"), cross_attention_dim=24)
+    with pytest.raises(UnsupportedDiffusersConfig):
+        diffusers_sd.load_sd_pipeline(src)
