@@ -1,6 +1,5 @@
-"""Stable Diffusion pipeline folders: the imported UNet predicts what diffusers' UNet2DConditionModel does, an
-imported pipeline samples what StableDiffusionPipeline draws from the same noise, prompts, scheduler, steps and
-guidance, and bad folders are errors naming what is wrong.
+"""Stable Diffusion pipeline folders: the imported UNet predicts what diffusers' UNet2DConditionModel does, and bad
+folders are errors naming what is wrong (sampling parity: tests/test_sd_sampling.py).
 
 Fixtures: tests/fixtures/make_sd_pipeline_fixture.py (tiny random-weight SD 1.x pipeline and SD 2.x-style UNet).
 """
@@ -43,53 +42,6 @@ def test_unet_matches_diffusers(expected, prefix, folder):
     ref = expected[f"{prefix}_out"].transpose(0, 2, 3, 1)
     assert np.abs(ref).max() > 0.1  # the comparison is not against ~0
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    from configs.default import get_config
-    from diffax.training import importing
-
-    path = str(tmp_path_factory.mktemp("sd") / "run")
-    importing.import_diffusers(PIPELINE, path, get_config())
-    return path
-
-
-def test_import_writes_a_latent_text_run(workdir):
-    from diffax import configuration
-
-    config = configuration.load(os.path.join(workdir, "config.json"))
-    assert config.text.encoder == os.path.join(PIPELINE, "text_encoder") and not config.text.mask_context
-    assert config.autoencoder.path == os.path.join(PIPELINE, "vae")
-    assert config.data.image_size == 16 and config.data.channels == 3  # 8x8 latents, VAE factor 2
-    assert (config.diffusion.schedule, config.sampling.sampler, config.sampling.steps_offset) == ("scaled_linear",
-                                                                                                 "ddim", 1)
-    assert not config.sampling.final_alpha_one and config.sampling.guidance_scale == 7.5
-
-
-def test_sampling_matches_stable_diffusion_pipeline(workdir, expected, tmp_path):
-    """StableDiffusionPipeline(prompts, latents, DDIM 4 steps, guidance 3) -> float images in [0, 1] (output_type
-    "np"); diffax's decoded samples in [-1, 1] map to them by x / 2 + 0.5. Tolerance 1e-4 absolute on images of
-    range ~0.7 (std 0.1): float32 differences of the two implementations through 8 UNet calls and the VAE."""
-    from diffax import cli
-    from diffax.training import inference
-
-    config = inference.load(workdir).config
-    config.sampling.steps, config.sampling.guidance_scale = int(expected["steps"]), float(expected["guidance_scale"])
-    run = inference.load(workdir, config=config)
-    prompts = [str(p) for p in expected["prompts"]]
-    noise = expected["latents"].transpose(0, 2, 3, 1)  # NCHW -> NHWC; DDIM's init_noise_sigma is 1
-    images = np.asarray(run.sample_fn(jnp.asarray(noise), jax.random.key(0), jnp.asarray(run.prompt_tokens(prompts))))
-    ref = expected["images"]
-    np.testing.assert_allclose(np.clip(images / 2 + 0.5, 0, 1), ref, atol=1e-4, rtol=0)
-    # the same through the command line: uint8 samples equal diffusers' rounded to 8 bits
-    np.save(tmp_path / "noise.npy", noise)
-    argv = ["sample", "--workdir", workdir, "--output", str(tmp_path), "--noise", str(tmp_path / "noise.npy"),
-            "--num_samples", "2", "--steps", str(int(expected["steps"])), "--guidance_scale",
-            str(float(expected["guidance_scale"]))] + [a for p in prompts for a in ("--prompt", p)]
-    cli.run(["diffax", *argv])
-    got = np.load(tmp_path / "samples.npz")["images"].astype(int)
-    assert np.abs(got - np.round(ref * 255)).max() <= 1
 
 
 # --------------------------------------------------------------------------- bad input
@@ -168,3 +120,14 @@ def test_text_encoder_width_must_match_cross_attention(tmp_path):
     _edit_json(os.path.join(src, "unet", "config.json"), cross_attention_dim=24)
     with pytest.raises(UnsupportedDiffusersConfig):
         diffusers_sd.load_sd_pipeline(src)
+
+
+def test_prompt_for_an_unconditional_model_is_an_error():
+    from types import SimpleNamespace
+
+    from diffax.training.inference import Inference
+
+    run = Inference(config=None, step=0, diffusion=SimpleNamespace(null_tokens=None), params=None, mesh=None,
+                    _sample=None)
+    with pytest.raises(UserError, match="not a text-to-image model"):
+        run.prompt_tokens(["a cat"])

@@ -277,31 +277,28 @@ def load_sd_pipeline(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:
     config.diffusion and config.sampling (the scheduler, diffusers' default guidance scale 7.5).
     The VAE, text encoder and tokenizer are checked here (loaded once) so a bad folder fails at import.
     """
-    from diffax.models.diffusers_vae import load_diffusers_autoencoder
-    from diffax.models.text.pretrained import load_text_encoder
+    from diffax.models.text.pretrained import load_text_encoder, read_config
 
     src = os.path.abspath(src)
     check_pipeline(src)
     model_fields, context_dim, latent, model = load_cond_unet(os.path.join(src, "unet"))
-    vae, _ = load_diffusers_autoencoder(os.path.join(src, "vae"))
-    if vae.latent_channels != latent["channels"]:
-        raise UnsupportedDiffusersConfig(f"{src}: the VAE has {vae.latent_channels} latent channels but the UNet "
+    vae = load_vae_checked(os.path.join(src, "vae"))
+    if vae["latent_channels"] != latent["channels"]:
+        raise UnsupportedDiffusersConfig(f"{src}: the VAE has {vae['latent_channels']} latent channels but the UNet "
                                          f"takes {latent['channels']}")
     text_dir = os.path.join(src, "text_encoder")
-    encoder, tokenizer = load_text_encoder(text_dir)
-    import jax.numpy as jnp
-
-    ids, mask = tokenizer([""])
-    width = int(encoder(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)).hidden.shape[-1])
+    load_text_encoder(text_dir)  # its weights and tokenizer are read at every build; checked here once
+    text_config = read_config(text_dir)
+    width = int((text_config.get("text_config") or text_config).get("hidden_size", 0))
     if width != context_dim:
         raise UnsupportedDiffusersConfig(f"{text_dir} returns {width}-wide text states but the UNet's "
                                          f"cross_attention_dim is {context_dim}")
     scheduler = _read_json(os.path.join(src, "scheduler", SCHEDULER_NAME))
     diffusion, sampling = scheduler_config_to_diffax(scheduler)
-    side = latent["image_size"] * vae.downsampling
+    side = latent["image_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     overrides = ml_collections.ConfigDict(dict(
         model=model_fields,
-        data=dict(image_size=side, channels=int(vae.encoder.conv_in.kernel.shape[2]), resize="resize",
+        data=dict(image_size=side, channels=int(vae["in_channels"]), resize="resize",
                   conditional=False),
         autoencoder=dict(path=os.path.join(src, "vae")),
         text=dict(encoder=text_dir, pooled=False, mask_context=False, trainable=False),
@@ -309,6 +306,22 @@ def load_sd_pipeline(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:
         sampling=dict(sampling, guidance_scale=7.5),
     ))
     return overrides, model
+
+
+def load_vae_checked(vae_dir: str) -> dict[str, Any]:
+    """Check that an AutoencoderKL folder's weights match its config (without initialising it); returns the
+    keyword arguments of diffax's AutoencoderKL."""
+    from diffax.models import diffusers_vae
+    from diffax.models.autoencoder import AutoencoderKL
+
+    kwargs, _ = diffusers_vae.autoencoder_config_to_diffax(_read_json(os.path.join(vae_dir, CONFIG_NAME)))
+    model = nnx.eval_shape(lambda: AutoencoderKL(**kwargs, rngs=nnx.Rngs(0)))
+    weights = os.path.join(vae_dir, WEIGHTS_NAME)
+    try:
+        load_weights(model, _read_weights(weights), source=diffusers_vae._source, what="AutoencoderKL")
+    except UnsupportedDiffusersConfig as e:
+        raise UnsupportedDiffusersConfig(f"{weights} does not match {os.path.join(vae_dir, CONFIG_NAME)}: {e}") from None
+    return kwargs
 
 
 def load_any(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:

@@ -1,0 +1,80 @@
+"""An imported Stable Diffusion pipeline samples what diffusers' StableDiffusionPipeline draws from the same
+weights, noise, prompts, scheduler (DDIM), step count and guidance scale.
+
+Fixture: tests/fixtures/make_sd_pipeline_fixture.py.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "sd_pipeline")
+PIPELINE = os.path.join(FIXTURE, "pipeline")
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return np.load(os.path.join(FIXTURE, "expected.npz"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from configs.default import get_config
+    from diffax.training import importing
+
+    path = str(tmp_path_factory.mktemp("sd") / "run")
+    importing.import_diffusers(PIPELINE, path, get_config())
+    return path
+
+
+def test_import_writes_a_latent_text_run(workdir):
+    from diffax import configuration
+
+    config = configuration.load(os.path.join(workdir, "config.json"))
+    assert config.text.encoder == os.path.join(PIPELINE, "text_encoder") and not config.text.mask_context
+    assert config.autoencoder.path == os.path.join(PIPELINE, "vae")
+    assert config.data.image_size == 16 and config.data.channels == 3  # 8x8 latents, VAE factor 2
+    assert (config.diffusion.schedule, config.sampling.sampler, config.sampling.steps_offset) == ("scaled_linear",
+                                                                                                 "ddim", 1)
+    assert not config.sampling.final_alpha_one and config.sampling.guidance_scale == 7.5
+
+
+def test_sampling_matches_stable_diffusion_pipeline(workdir, expected, tmp_path):
+    """StableDiffusionPipeline(prompts, latents, DDIM 4 steps, guidance 3) -> float images in [0, 1] (output_type
+    "np"); diffax's decoded samples in [-1, 1] map to them by x / 2 + 0.5. Tolerance 1e-4 absolute on images of
+    range ~0.7 (std 0.1): float32 differences of the two implementations through 8 UNet calls and the VAE."""
+    from diffax import configuration
+    from diffax.training import inference
+
+    config = configuration.load(os.path.join(workdir, "config.json"))
+    config.sampling.steps, config.sampling.guidance_scale = int(expected["steps"]), float(expected["guidance_scale"])
+    run = inference.load(workdir, config=config)
+    prompts = [str(p) for p in expected["prompts"]]
+    noise = expected["latents"].transpose(0, 2, 3, 1)  # NCHW -> NHWC; DDIM's init_noise_sigma is 1
+    images = np.asarray(run.sample_fn(jnp.asarray(noise), jax.random.key(0), jnp.asarray(run.prompt_tokens(prompts))))
+    ref = expected["images"]
+    np.testing.assert_allclose(np.clip(images / 2 + 0.5, 0, 1), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_diffax_sample_command_matches_stable_diffusion_pipeline(workdir, expected, tmp_path):
+    """`diffax sample --workdir W --prompt ... --noise F.npy`: uint8 samples equal diffusers' images rounded to
+    8 bits (within one level, for values that float32 differences put on either side of a rounding edge)."""
+    from diffax import cli
+
+    prompts = [str(p) for p in expected["prompts"]]
+    ref = expected["images"]
+    noise = expected["latents"].transpose(0, 2, 3, 1)
+    # the same through the command line: uint8 samples equal diffusers' rounded to 8 bits
+    np.save(tmp_path / "noise.npy", noise)
+    argv = ["sample", "--workdir", workdir, "--output", str(tmp_path), "--noise", str(tmp_path / "noise.npy"),
+            "--num_samples", "2", "--steps", str(int(expected["steps"])), "--guidance_scale",
+            str(float(expected["guidance_scale"]))] + [a for p in prompts for a in ("--prompt", p)]
+    cli.run(["diffax", *argv])
+    got = np.load(tmp_path / "samples.npz")["images"].astype(int)
+    assert np.abs(got - np.round(ref * 255)).max() <= 1
+
+
