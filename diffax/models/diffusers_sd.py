@@ -384,8 +384,9 @@ def _heads_option(m: Any, widths: list[int], levels: list[int], cls: str) -> Any
     return dims.pop()
 
 
-def unet_to_diffusers_config(config: Any) -> dict[str, Any]:
-    """The diffusers config.json (UNet2DModel, or UNet2DConditionModel for a text run) of a diffax UNet config."""
+def unet_to_diffusers_config(config: Any, data_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The diffusers config.json (UNet2DModel, or UNet2DConditionModel for a text run) of a diffax UNet config;
+    data_shape: what the UNet sees (default: the config's images, or latents for a latent run)."""
     from diffax.training import latent as latent_lib
     from diffax.training import text as text_lib
 
@@ -398,7 +399,7 @@ def unet_to_diffusers_config(config: Any) -> dict[str, Any]:
                         "export unconditional or text runs.")
     if m.embedding != "sinusoidal":
         raise UserError(f"config.model.embedding={m.embedding!r}: only the sinusoidal embedding exports.")
-    h, _, c = latent_lib.model_data_shape(config)
+    h, _, c = data_shape or latent_lib.model_data_shape(config)
     widths = [int(m.channels) * int(x) for x in m.channel_mult]
     n = len(widths)
     down = [h >> i in tuple(m.attention_resolutions) for i in range(n)]
@@ -473,12 +474,13 @@ def scheduler_to_diffusers_config(config: Any) -> dict[str, Any]:
     return out
 
 
-def export_unet(model: nnx.Module, config: Any, output: str, *, context_dim: int = 0) -> dict[str, Any]:
+def export_unet(model: nnx.Module, config: Any, output: str, *, context_dim: int = 0,
+                data_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Write `model` (a diffax UNet of `config`) as a diffusers unet/ folder and the run's scheduler as scheduler/;
     returns the UNet config.json written."""
     from safetensors.numpy import save_file
 
-    cfg = unet_to_diffusers_config(config)
+    cfg = unet_to_diffusers_config(config, data_shape)
     if cfg["_class_name"] == "UNet2DConditionModel":
         cfg["cross_attention_dim"] = int(context_dim)
         source = _cond_source_for(dict(use_linear_projection=bool(config.model.use_linear_projection)))
