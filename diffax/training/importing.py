@@ -43,6 +43,14 @@ def import_diffusers(src_dir: str, workdir: str, base_config: Any) -> Any:
     merge(config, overrides)
     prepare_workdir(workdir, config)
     latent.record_autoencoder(workdir, config)  # SD pipelines: the VAE the run samples through
+    if jax.process_index() == 0:
+        import json
+        import os
+
+        from diffax.training.workdir import IMPORTED_NAME
+
+        with open(os.path.join(workdir, IMPORTED_NAME), "w", encoding="utf-8") as f:
+            json.dump({"src": os.path.abspath(src_dir)}, f, indent=2)
 
     diffusion = build(config)
     imported = nnx.split(model, nnx.Param, ...)[1]

@@ -42,7 +42,11 @@ def make_sample_fn(diffusion: Diffusion, config: Any, mesh: Any, param_shardings
     decode = latent.make_decoder(config, batch)  # latent runs: samples are decoded pixels
     if decode is None:
         return sample_fn
-    return lambda params, noise, key, labels: decode(sample_fn(params, noise, key, labels))
+    def sample_and_decode(params, noise, key, labels):
+        return decode(sample_fn(params, noise, key, labels))
+
+    sample_and_decode.sampler = sample_fn  # the jitted sampler alone: eval_shape cannot nest it (compiler_options)
+    return sample_and_decode
 
 
 def default_labels(num_samples: int, num_classes: int) -> np.ndarray | None:

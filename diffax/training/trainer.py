@@ -94,7 +94,7 @@ class SampleGrids:
         labels = jax.ShapeDtypeStruct((n,), jnp.int32) if self.num_classes else None
         if self.tokens is not None:
             labels = jax.ShapeDtypeStruct((n, *self.tokens.shape[1:]), jnp.int32)
-        jax.eval_shape(self.sample, abstract_params, jax.ShapeDtypeStruct((n, *self.shape), jnp.float32),
+        jax.eval_shape(getattr(self.sample, "sampler", self.sample), abstract_params, jax.ShapeDtypeStruct((n, *self.shape), jnp.float32),
                        jax.eval_shape(lambda: jax.random.key(0)), labels)
 
     metrics: dict[str, float] = {}  # nothing to log beside the picture (autoencoder.Reconstructions logs errors)
