@@ -58,9 +58,12 @@ def build(layout: str, size: str, dtype: str, length: int) -> nnx.Module:
 
     if layout == "clip":
         kw = dict(vocab_size=49408, max_positions=max(77, length), eos_token_id=49407, **CLIP_SIZES[size])
-        return construct(lambda r: CLIPTextEncoder(**kw, dtype=dtype, rngs=r), nnx.Rngs(0))
-    kw = dict(vocab_size=32128, ff_act="gelu_new", gated=True, **T5_SIZES[size])
-    return construct(lambda r: T5Encoder(**kw, dtype=dtype, rngs=r), nnx.Rngs(0))
+        encoder = construct(lambda r: CLIPTextEncoder(**kw, dtype=dtype, rngs=r), nnx.Rngs(0))
+    else:
+        kw = dict(vocab_size=32128, ff_act="gelu_new", gated=True, **T5_SIZES[size])
+        encoder = construct(lambda r: T5Encoder(**kw, dtype=dtype, rngs=r), nnx.Rngs(0))
+    jax.block_until_ready(nnx.state(encoder))  # initialisation is dispatched asynchronously: not part of compile_s
+    return encoder
 
 
 def measure(encoder: nnx.Module, ids: np.ndarray, mask: np.ndarray, repeats: int) -> dict:

@@ -6,6 +6,11 @@ Presets (Table 1 of the paper; parameters at 256x256 images, i.e. 32x32x4 latent
 classes, learned sigma): S 33M, B 130M, L 458M, XL 675M; patch size 2, 4 or 8, e.g.
 config.model.preset = "XL/2".
 
+Text models (context_dim > 0): the text states are projected to the token width once
+(SD3's context_embedder) and every block cross-attends to them after its self-attention
+(PixArt-alpha, Chen et al. 2023); with pooled_dim > 0 the pooled text vector goes through a
+two-layer MLP into the conditioning vector (SD3, Esser et al. 2024, sec. 4; SDXL).
+
 The blocks' weights are stacked on a leading depth axis (`blocks.qkv.kernel` is
 [depth, hidden, 3 hidden]) and the blocks run under one `lax.scan`.
 """
@@ -117,7 +122,8 @@ def scan_blocks(blocks: DiTBlock, h: Array, cond: Array, dropout_key: Array | No
 
 
 class DiT(nnx.Module):
-    """DiT denoiser: model(x [B,H,W,C], c_noise [B], labels, *, dropout_key) -> [B,H,W,C or 2C].
+    """DiT denoiser: model(x [B,H,W,C], c_noise [B], labels, *, context, context_mask, pooled, dropout_key)
+    -> [B,H,W,C or 2C].
 
     Peebles & Xie (2023): patch embedding (a p x p stride-p conv, here the equivalent matmul on
     flattened patches), fixed sin-cos position embedding (not a parameter), noise-level MLP on

@@ -13,6 +13,11 @@ AttnUpBlock2D / UNetMidBlock2D, so diffax/models/diffusers.py maps its weights o
 DDPM CIFAR-10 (35.7M parameters): channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
 attention_resolutions=(16,), dropout=0.1. ADM: scale_shift_norm=True, resblock_updown=True,
 head_channels=64, attention at (32, 16, 8), num_classes > 0.
+
+Text models (context_dim > 0): every attention layer is instead a cross-attention transformer
+(layers.SpatialTransformer, diffusers' Transformer2DModel; Rombach et al. 2022) attending to the
+text states passed as `context`; with pooled_dim > 0 a pooled text vector is added to the
+timestep embedding (SDXL's add_embedding, Podell et al. 2023).
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ class Level(nnx.Module):
 
 
 class UNet(nnx.Module):
-    """UNet denoiser: model(x [B,H,W,C], c_noise [B], labels [B] | None, *, dropout_key) -> [B,H,W,C or 2C].
+    """UNet denoiser: model(x [B,H,W,C], c_noise [B], labels [B] | None, *, context, context_mask, pooled,
+    dropout_key) -> [B,H,W,C or 2C].
 
     Implements Ho et al. (2020, App. B) and the ADM improvements of Dhariwal & Nichol (2021,
     sec. 3): adaptive group norm (scale_shift_norm), multi-head attention at several

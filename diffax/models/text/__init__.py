@@ -28,8 +28,10 @@ def make_encoder(encoder: str, *, vocab_size: int, max_length: int, width: int, 
     kept in the workdir, so None here). A path: the pretrained encoder and its own tokenizer.
     """
     if encoder == "small":
-        return SmallTextEncoder(vocab_size=vocab_size, max_length=max_length, width=width, depth=depth,
-                                heads=heads, rngs=rngs), None
+        from diffax.models import construct  # initialised in one jitted program, as the networks
+
+        return construct(lambda r: SmallTextEncoder(vocab_size=vocab_size, max_length=max_length, width=width,
+                                                    depth=depth, heads=heads, rngs=r), rngs), None
     try:
         from diffax.models.text.pretrained import load_text_encoder
     except ImportError as e:

@@ -15,7 +15,9 @@ from the end), and `final_norm` applies the final LayerNorm to it.
   layer=-2, final_norm=True    "clip skip 1" of diffusers' SD 1.x / 2.x pipelines (clip_skip=k:
                                layer=-(k+1)); SD 2.x from a full 24-block OpenCLIP-H (Rombach et al.
                                2022's FrozenOpenCLIPEmbedder, layer="penultimate", then ln_final)
-  layer=-2, final_norm=False   SDXL (Podell et al. 2023), both text encoders: hidden_states[-2]
+  layer=-2, final_norm=False   SDXL (Podell et al. 2023) and SD3 (Esser et al. 2024), every CLIP
+                               encoder: hidden_states[-2]; their pooled vectors are the projected
+                               text_embeds of the CLIPTextModelWithProjection encoders
 
 The pooled vector always comes from the last block with the final norm, whatever `layer` is.
 """

@@ -10,13 +10,14 @@ model.safetensors.index.json + shards; float32, float16 or bfloat16 tensors) and
 folder, whose tokenizer lies in the sibling tokenizer*/ folder. config.json's model_type picks the
 encoder:
 
-  clip_text_model   CLIPTextModel (pooled: final state at the end token) or, with
-                    architectures CLIPTextModelWithProjection, its projected pooled vector
+  clip_text_model   CLIPTextModel (pooled: final state at the end token) or, when config.json's
+                    architectures says CLIPTextModelWithProjection, its projected pooled vector
   clip              a full CLIPModel: the text tower and text_projection (vision tensors ignored)
   t5, mt5           T5EncoderModel (or the encoder of T5ForConditionalGeneration / T5Model;
                     decoder tensors ignored); pooled is None
 
-Every tensor of the file must find a place in the encoder (an error names those that do not),
+encoder.hidden_size (D) and encoder.pooled_size (P; 0 when pooled is None) size the denoiser's
+cross-attention and pooled-vector inputs. Every tensor of the file must find a place in the encoder (an error names those that do not),
 except the ones listed above and CLIP's position_ids buffer. Parameters are float32; `dtype`
 sets the activations (bfloat16 on accelerators). Freezing the encoder is the caller's business
 (e.g. call it on nnx.state(encoder) captured as a constant, or stop_gradient its output).
@@ -64,14 +65,15 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
     if not any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
         return load_file(path)
     import ml_dtypes
 
     types = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64,
              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-    start = 8 + int.from_bytes(open(path, "rb").read(8), "little")
+    start = 8 + size
     data = np.memmap(path, np.uint8, mode="r")
     out = {}
     for name, info in header.items():
@@ -105,6 +107,9 @@ class Tensors:
 
     def __init__(self, tensors: dict[str, np.ndarray], source: str):
         self._tensors, self._used, self.source = tensors, set(), source
+
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
 
     def has(self, name: str) -> bool:
         return name in self._tensors
@@ -186,40 +191,42 @@ def load_text_encoder(path: str, *, layer: int = -1, final_norm: bool = True, us
     config_path = os.path.join(path, CONFIG_FILE)
     config = read_config(path)
     kind = encoder_kind(config, config_path)
-    tensors = Tensors(read_tensors(path), os.path.join(path, WEIGHTS_FILE))
-    options = dict(layer=layer, final_norm=final_norm, dtype=dtype, param_dtype="float32")
+    full = config.get("model_type") == "clip"  # a whole CLIPModel: its text tower and text_projection
     if kind == "clip":
-        full = config.get("model_type") == "clip"
-        arch = config.get("architectures") or []
-        projection = full or "CLIPTextModelWithProjection" in arch or tensors.has("text_projection.weight")
+        projection = full or "CLIPTextModelWithProjection" in (config.get("architectures") or [])
         text_config = dict(config.get("text_config") or {}) if full else config
         if full and "projection_dim" in config:
             text_config["projection_dim"] = config["projection_dim"]
         kwargs = clip_kwargs(text_config, projection=projection)
         kwargs["use_mask"] = bool(config.get("use_attention_mask", False)) if use_mask is None else bool(use_mask)
-        model = nnx.eval_shape(lambda: CLIPTextEncoder(**kwargs, **options, rngs=nnx.Rngs(0)))
-        prefix = "text_model." if any(n.startswith("text_model.") for n in tensors._tensors) else ""
-        tensors.ignore(lambda n: n.endswith("embeddings.position_ids"))  # a buffer, arange(max_positions)
-        if full:
-            tensors.ignore(lambda n: n.startswith(("vision_model.", "visual_projection.")) or n == "logit_scale")
-        values = clip_weights(tensors.take, prefix, kwargs["num_layers"], projection)
-        max_positions = kwargs["max_positions"]
     else:
         kwargs = t5_kwargs(config)
         kwargs["use_mask"] = True if use_mask is None else bool(use_mask)
-        model = nnx.eval_shape(lambda: T5Encoder(**kwargs, **options, rngs=nnx.Rngs(0)))
-        tensors.ignore(lambda n: n.startswith(("decoder.", "lm_head.")))  # T5ForConditionalGeneration / T5Model
-        values = t5_weights(tensors.take, tensors.has, kwargs["num_layers"], kwargs["gated"])
-        max_positions = None
-    tensors.check_all_used()
-    set_params(model, values, tensors.source)
 
+    # the tokenizer first: a mismatch is found before a large checkpoint is read
     tok = load_tokenizer(tokenizer or _tokenizer_folder(path), kind=kind, max_length=max_length,
-                         max_positions=max_positions)  # fmt: skip
+                         max_positions=kwargs.get("max_positions"))  # fmt: skip
     if tok.vocab_size > kwargs["vocab_size"]:
         raise UserError(f"tokenizer does not match its encoder: {tok.source} has {tok.vocab_size} tokens, "
                         f"{config_path} has vocab_size {kwargs['vocab_size']}; pass the tokenizer saved with this "
                         "encoder")
+
+    weights = os.path.join(path, WEIGHTS_FILE)
+    tensors = Tensors(read_tensors(path), weights if os.path.exists(weights) else os.path.join(path, WEIGHTS_INDEX))
+    options = dict(layer=layer, final_norm=final_norm, dtype=dtype, param_dtype="float32")
+    if kind == "clip":
+        model = nnx.eval_shape(lambda: CLIPTextEncoder(**kwargs, **options, rngs=nnx.Rngs(0)))
+        prefix = "text_model." if any(n.startswith("text_model.") for n in tensors.names()) else ""
+        tensors.ignore(lambda n: n.endswith("embeddings.position_ids"))  # a buffer, arange(max_positions)
+        if full:
+            tensors.ignore(lambda n: n.startswith(("vision_model.", "visual_projection.")) or n == "logit_scale")
+        values = clip_weights(tensors.take, prefix, kwargs["num_layers"], kwargs["projection_dim"] > 0)
+    else:
+        model = nnx.eval_shape(lambda: T5Encoder(**kwargs, **options, rngs=nnx.Rngs(0)))
+        tensors.ignore(lambda n: n.startswith(("decoder.", "lm_head.")))  # T5ForConditionalGeneration / T5Model
+        values = t5_weights(tensors.take, tensors.has, kwargs["num_layers"], kwargs["gated"])
+    tensors.check_all_used()
+    set_params(model, values, tensors.source)
     return model, tok
 
 

@@ -49,6 +49,10 @@ class TextTokenizer:
         self.pad_id = int(pad_id)
         self.source = source
 
+    def token_id(self, token: str) -> int | None:
+        """The id of `token` (e.g. "<|endoftext|>"), None when it is not in the vocabulary."""
+        return self._tokenizer.token_to_id(token)
+
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(texts, str):
             texts = [texts]
