@@ -274,7 +274,8 @@ def load_sd_pipeline(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:
     The overrides name the whole run: config.model (the UNet), config.data (image_size = the UNet's latent
     side times the VAE's downsampling factor, the VAE's channels), config.autoencoder.path (src/vae),
     config.text (encoder = src/text_encoder, frozen, no pooled vector, no mask in cross-attention),
-    config.diffusion and config.sampling (the scheduler, diffusers' default guidance scale 7.5).
+    config.diffusion and config.sampling (the scheduler, diffusers' default guidance scale 7.5), and a
+    fine-tuning learning rate (config.optimizer.learning_rate = 1e-5).
     The VAE, text encoder and tokenizer are checked here (loaded once) so a bad folder fails at import.
     """
     from diffax.models.text.pretrained import load_text_encoder, read_config
@@ -304,6 +305,7 @@ def load_sd_pipeline(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:
         text=dict(encoder=text_dir, pooled=False, mask_context=False, trainable=False),
         diffusion=diffusion,
         sampling=dict(sampling, guidance_scale=7.5),
+        optimizer=dict(learning_rate=1e-5),  # a fine-tuning rate (diffusers' train_text_to_image examples)
     ))
     return overrides, model
 
