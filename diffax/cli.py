@@ -228,9 +228,11 @@ def _import_diffusers(fv: flags.FlagValues, args: list[str]) -> None:
 
     base = fv.config if fv.config is not None else _default_config()
     config = importing.import_diffusers(fv.src, fv.workdir, base)
+    prompt = " --prompt TEXT" if config.text.encoder else ""
     print(f"imported {fv.src} into {fv.workdir} (step 0; {config.diffusion.schedule} schedule, "
-          f"{config.diffusion.prediction} prediction). Sample: diffax sample --workdir {fv.workdir} --output DIR; "
-          f"fine-tune: diffax train --workdir {fv.workdir}")
+          f"{config.diffusion.prediction} prediction). Sample: diffax sample --workdir {fv.workdir} --output DIR"
+          f"{prompt}; fine-tune: diffax train --workdir {fv.workdir}"
+          + (" --config.data.name=folder:DIR (captioned images)" if prompt else ""))
 
 
 # ----------------------------------------------------------------------------- export-diffusers

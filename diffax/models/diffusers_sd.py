@@ -482,6 +482,10 @@ def export_unet(model: nnx.Module, config: Any, output: str, *, context_dim: int
     returns the UNet config.json written."""
     from safetensors.numpy import save_file
 
+    if getattr(model, "pooled_embed", None) is not None:
+        raise UserError("this UNet adds a pooled text vector to its timestep embedding (config.text.pooled=True), "
+                        "which the SD 1.x / 2.x UNet2DConditionModel has no place for; export runs trained with "
+                        "config.text.pooled=False.")
     cfg = unet_to_diffusers_config(config, data_shape)
     if cfg["_class_name"] == "UNet2DConditionModel":
         cfg["cross_attention_dim"] = int(context_dim)
