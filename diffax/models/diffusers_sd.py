@@ -44,7 +44,6 @@ from diffax.models.diffusers import (
     load_weights,
     scheduler_config_to_diffax,
     transformer_source,
-    unet_config_to_diffax,
 )
 
 # UNet2DConditionModel.__init__ defaults (diffusers 0.2x-0.42): what a config.json without the key means.
@@ -83,7 +82,8 @@ CROSS_DOWN, CROSS_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
 DOWN_TYPES, UP_TYPES = {CROSS_DOWN, "DownBlock2D"}, {CROSS_UP, "UpBlock2D"}
 PIPELINE_COMPONENTS = {  # folder -> classes diffax reads
     "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
-    "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"), "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
     "scheduler": None,  # any scheduler of diffax/models/diffusers.py's mapping
 }
 
@@ -223,7 +223,8 @@ def load_cond_unet(unet_dir: str) -> tuple[dict[str, Any], int, dict[str, Any], 
     try:
         load_weights(model, _read_weights(weights), source=_cond_source_for(model_fields), what="UNet")
     except UnsupportedDiffusersConfig as e:
-        raise UnsupportedDiffusersConfig(f"{weights} does not match {os.path.join(unet_dir, CONFIG_NAME)}: {e}") from None
+        config_path = os.path.join(unet_dir, CONFIG_NAME)
+        raise UnsupportedDiffusersConfig(f"{weights} does not match {config_path}: {e}") from None
     return model_fields, context_dim, data_fields, model
 
 
@@ -322,7 +323,8 @@ def load_vae_checked(vae_dir: str) -> dict[str, Any]:
     try:
         load_weights(model, _read_weights(weights), source=diffusers_vae._source, what="AutoencoderKL")
     except UnsupportedDiffusersConfig as e:
-        raise UnsupportedDiffusersConfig(f"{weights} does not match {os.path.join(vae_dir, CONFIG_NAME)}: {e}") from None
+        config_path = os.path.join(vae_dir, CONFIG_NAME)
+        raise UnsupportedDiffusersConfig(f"{weights} does not match {config_path}: {e}") from None
     return kwargs
 
 
@@ -426,12 +428,13 @@ def unet_to_diffusers_config(config: Any, data_shape: tuple[int, ...] | None = N
             transformer_layers_per_block=int(m.transformer_depth),
             use_linear_projection=bool(m.use_linear_projection))
     resample = "resnet" if m.resblock_updown else "conv"
+    plain_down, plain_up = "DownBlock2D", "UpBlock2D"
+    resnet_down = "ResnetDownsampleBlock2D" if m.resblock_updown else plain_down
+    resnet_up = "ResnetUpsampleBlock2D" if m.resblock_updown else plain_up
     return dict(
         _class_name="UNet2DModel", **common, out_channels=c * (2 if m.learn_sigma else 1),
-        down_block_types=[("AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" if m.resblock_updown else "DownBlock2D")
-                          for a in down],
-        up_block_types=[("AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" if m.resblock_updown else "UpBlock2D")
-                        for a in up],
+        down_block_types=[f"Attn{plain_down}" if a else resnet_down for a in down],
+        up_block_types=[f"Attn{plain_up}" if a else resnet_up for a in up],
         mid_block_type="UNetMidBlock2D", add_attention=bool(m.mid_attention), downsample_type=resample,
         upsample_type=resample, attention_head_dim=_heads_option(m, widths, levels, "UNet2DModel"),
         attn_norm_num_groups=int(m.norm_groups) if m.scale_shift_norm else None, time_embedding_type="positional",
@@ -468,11 +471,13 @@ def scheduler_to_diffusers_config(config: Any) -> dict[str, Any]:
     if cls == "DDIMScheduler":
         out["set_alpha_to_one"] = bool(s.final_alpha_one)
     if cls == "DDPMScheduler":
-        out["variance_type"] = {"small": "fixed_small", "large": "fixed_large", "learned": "learned_range"}[str(s.variance)]
+        variances = {"small": "fixed_small", "large": "fixed_large", "learned": "learned_range"}
+        out["variance_type"] = variances[str(s.variance)]
     if cls in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler"):
         out["use_karras_sigmas"] = str(s.grid) == "diffusers_karras"
     if cls == "DPMSolverMultistepScheduler":
-        out.update(solver_order=int(s.order), algorithm_type="sde-dpmsolver++" if s.solver_type == "sde" else "dpmsolver++")
+        algorithm = "sde-dpmsolver++" if s.solver_type == "sde" else "dpmsolver++"
+        out.update(solver_order=int(s.order), algorithm_type=algorithm)
     return out
 
 

@@ -32,8 +32,8 @@ def import_diffusers(src_dir: str, workdir: str, base_config: Any) -> Any:
 
     The model, image size and (from scheduler_config.json) the schedule and
     sampler come from the diffusers checkpoint (for a Stable Diffusion pipeline also the
-    autoencoder and text encoder, read from the pipeline folder, which must stay in place); everything else (data source,
-    optimizer, training length) from `base_config`. Weights and EMA both start
+    autoencoder and text encoder, read in place from the pipeline folder, which must stay);
+    everything else (data source, optimizer, training length) from `base_config`. Weights and EMA both start
     as the imported weights. Returns the resolved config.
     """
     if checkpoint.latest_step(workdir) is not None:

@@ -2,10 +2,11 @@
 
 A latent run has config.autoencoder.path (a diffusers AutoencoderKL folder) and trains on
 `config.data.name="latents:DIR"`, or on images that the frozen autoencoder encodes in the train
-loop (`make_encoder`; e.g. fine-tuning an imported Stable Diffusion pipeline on a folder). Everything a user sees is decoded pixels: `make_decoder`
-is applied after the sampler in inference.make_sample_fn, the one function behind training
-grids, `diffax sample` and `diffax eval`. The run records the autoencoder's path and sha256
-in <workdir>/autoencoder.json and refuses to resume or evaluate with another one.
+loop (`make_encoder`; e.g. fine-tuning an imported Stable Diffusion pipeline on a folder).
+Everything a user sees is decoded pixels: `make_decoder` is applied after the sampler in
+inference.make_sample_fn, the one function behind training grids, `diffax sample` and `diffax
+eval`. The run records the autoencoder's path and sha256 in <workdir>/autoencoder.json and refuses
+to resume or evaluate with another one.
 """
 from __future__ import annotations
 
