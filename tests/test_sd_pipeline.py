@@ -130,3 +130,16 @@ def test_prompt_for_an_unconditional_model_is_an_error():
                     _sample=None)
     with pytest.raises(UserError, match="not a text-to-image model"):
         run.prompt_tokens(["a cat"])
+
+
+def test_pndm_scheduler_samples_with_ddim_on_its_grid():
+    """SD 1.x ships PNDMScheduler: imported as DDIM with its betas, spacing, offset and final alpha."""
+    from diffax.models.diffusers import scheduler_config_to_diffax
+
+    pndm = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+                trained_betas=None, clip_sample=False)
+    diffusion, sampling = scheduler_config_to_diffax(diffusers_sd.pndm_as_ddim(pndm))
+    assert diffusion["schedule"] == "scaled_linear" and diffusion["num_steps"] == 1000
+    assert sampling == dict(sampler="ddim", grid="diffusers", final_alpha_one=False, spacing="leading",
+                            steps_offset=1)

@@ -24,6 +24,7 @@ token (config.text.mask_context=False), and guidance's null condition is the emp
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -45,6 +46,8 @@ from diffax.models.diffusers import (
     scheduler_config_to_diffax,
     transformer_source,
 )
+
+log = logging.getLogger(__name__)
 
 # UNet2DConditionModel.__init__ defaults (diffusers 0.2x-0.42): what a config.json without the key means.
 UNET2D_CONDITION_DEFAULTS: dict[str, Any] = dict(
@@ -295,7 +298,7 @@ def load_sd_pipeline(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:
     if width != context_dim:
         raise UnsupportedDiffusersConfig(f"{text_dir} returns {width}-wide text states but the UNet's "
                                          f"cross_attention_dim is {context_dim}")
-    scheduler = _read_json(os.path.join(src, "scheduler", SCHEDULER_NAME))
+    scheduler = pndm_as_ddim(_read_json(os.path.join(src, "scheduler", SCHEDULER_NAME)))
     diffusion, sampling = scheduler_config_to_diffax(scheduler)
     side = latent["image_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     overrides = ml_collections.ConfigDict(dict(
@@ -309,6 +312,22 @@ def load_sd_pipeline(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:
         optimizer=dict(learning_rate=1e-5),  # a fine-tuning rate (diffusers' train_text_to_image examples)
     ))
     return overrides, model
+
+
+def pndm_as_ddim(cfg: dict[str, Any]) -> dict[str, Any]:
+    """SD 1.x pipelines ship a PNDMScheduler (Liu et al. 2022's PLMS), which diffax does not implement: sample
+    with DDIM on the same betas, timesteps and final alpha instead, as DDIMScheduler.from_config(pndm.config)
+    does in diffusers (a warning says so). Other schedulers pass through unchanged."""
+    if cfg.get("_class_name") != "PNDMScheduler":
+        return cfg
+    from diffax.models.diffusers import SCHEDULER_DEFAULTS
+
+    log.warning("The pipeline's PNDMScheduler (PLMS) is not implemented in diffax: its run samples with DDIM on the "
+                "same betas and timesteps (--sampler / config.sampling.sampler choose another). diffusers draws the "
+                "same with DDIMScheduler.from_config(pipe.scheduler.config).")
+    ddim = SCHEDULER_DEFAULTS["DDIMScheduler"]
+    return {"_class_name": "DDIMScheduler", "clip_sample": False,
+            **{k: v for k, v in cfg.items() if k in ddim and k != "clip_sample"}}
 
 
 def load_vae_checked(vae_dir: str) -> dict[str, Any]:
