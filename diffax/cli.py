@@ -253,7 +253,10 @@ def _export_diffusers(fv: flags.FlagValues, args: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- encode-data
 def _define_encode(fv: flags.FlagValues) -> None:
-    _config_flag(fv, True)
+    _config_flag(fv, False)
+    flags.DEFINE_string("workdir", None, "Instead of --config: a run whose config.json names the autoencoder and data "
+                        "(e.g. an imported Stable Diffusion pipeline, with --config.data.name=folder:DIR).",
+                        flag_values=fv)
     flags.DEFINE_string("output", None, "The latent cache folder (resumed if it holds a partial cache).", flag_values=fv)
     flags.DEFINE_integer("shard_size", 4096, "Examples per shard file.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 256, "Images encoded per step (split over this process's devices).", flag_values=fv)
@@ -262,8 +265,11 @@ def _define_encode(fv: flags.FlagValues) -> None:
 def _encode_data(fv: flags.FlagValues, args: list[str]) -> None:
     from diffax.training.encode_data import encode_data
 
-    meta = encode_data(fv.config, fv.output, shard_size=fv.shard_size, batch_size=fv.batch_size)
-    print(f"encoded {meta['num_examples']} images of {fv.config.data.name} into {fv.output} "
+    if fv.config is None and fv.workdir is None:
+        raise errors.UserError("encode-data needs --config (a config file) or --workdir (a run's config.json).")
+    config = _config_or_workdirs(fv)
+    meta = encode_data(config, fv.output, shard_size=fv.shard_size, batch_size=fv.batch_size)
+    print(f"encoded {meta['num_examples']} images of {config.data.name} into {fv.output} "
           f"({meta['num_shards']} shards, latents {tuple(meta['latent_shape'])}); "
           f"train on them with --config.data.name=latents:{fv.output}")
 
@@ -348,7 +354,7 @@ COMMANDS = {
                 "UNet2DConditionModel).", _define_export, _export_diffusers, required=("workdir", "output"),
                 distributed=False),
         Command("encode-data", "Encode a config's data set once with config.autoencoder.path (a latent cache).",
-                _define_encode, _encode_data, required=("config", "output")),
+                _define_encode, _encode_data, required=("output",)),
         Command("ema-reconstruct", "Reconstruct a post-hoc EMA of any length from a run's snapshots (EDM2).",
                 _define_ema_reconstruct, _ema_reconstruct, required=("workdir", "sigma_rel")),
         Command("sweep", "Run the trials of a config's get_sweep() and report them.", _define_sweep, _sweep,

@@ -83,3 +83,28 @@ def test_finetuned_run_samples_with_prompts(finetuned):
     out = run.draw(2, seed=0, labels=run.prompt_tokens(CAPTIONS[:2]), progress=False)
     assert out["images"].shape == (2, 16, 16, 3) and out["images"].std() > 0
     assert os.path.exists(os.path.join(finetuned[0], "samples", "step_00000020.png"))
+
+
+def test_finetune_on_cached_latents_with_captions(tmp_path):
+    """`diffax encode-data` keeps a text data set's captions (captions.jsonl), so an imported pipeline can also
+    fine-tune on `latents:DIR` (the images encoded once)."""
+    from configs.default import get_config
+    from diffax import configuration
+    from diffax.data.latents import latents_source
+    from diffax.training import importing, trainer
+    from diffax.training.encode_data import encode_data
+
+    workdir = str(tmp_path / "run")
+    importing.import_diffusers(PIPELINE, workdir, get_config())
+    config = configuration.load(os.path.join(workdir, "config.json"))
+    config.data.name = "folder:" + _captioned_folder(tmp_path / "images")
+    encode_data(config, str(tmp_path / "cache"), shard_size=3, batch_size=2, progress=False)
+    source = latents_source(str(tmp_path / "cache"), config)
+    assert sorted(c for i in source.records for c in source.captions(i)) == sorted(CAPTIONS)
+    config.data.name = f"latents:{tmp_path / 'cache'}"
+    t = config.training
+    t.num_steps, t.batch_size, t.log_every, t.sample_every, t.checkpoint_every = 4, 2, 2, 0, 4
+    t.progress_bar = False
+    config.sampling.num_samples, config.sampling.steps = 1, 1
+    metrics = trainer.train(config, workdir)
+    assert np.isfinite(metrics["loss"])
