@@ -79,3 +79,21 @@ def test_diffax_sample_command_matches_stable_diffusion_pipeline(workdir, expect
     assert np.abs(got - np.round(ref * 255)).max() <= 1
 
 
+
+
+@pytest.mark.slow
+def test_export_command_writes_a_pipeline_folder(workdir, tmp_path):
+    """`diffax export-diffusers` of the imported run: the pipeline's folders, and a UNet whose tensors are the
+    imported ones (the run is at step 0; check_diffusers_export.py runs it in diffusers)."""
+    from safetensors.numpy import load_file
+
+    from diffax import cli
+
+    out = tmp_path / "export"
+    cli.run(["diffax", "export-diffusers", "--workdir", workdir, "--output", str(out)])
+    assert sorted(os.listdir(out)) == ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    got = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    want = load_file(os.path.join(PIPELINE, "unet", "diffusion_pytorch_model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
