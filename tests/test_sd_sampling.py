@@ -97,3 +97,26 @@ def test_export_command_writes_a_pipeline_folder(workdir, tmp_path):
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_euler_scheduler_matches_stable_diffusion_pipeline(workdir, expected):
+    """The same pipeline with EulerDiscreteScheduler.from_config: diffusers scales the latents by init_noise_sigma
+    (sqrt(sigma_max^2 + 1)); diffax's euler sampler on diffusers' grid takes the same unit noise."""
+    import json
+
+    from diffax import configuration
+    from diffax.models.diffusers import scheduler_config_to_diffax
+    from diffax.models.diffusers_sd import scheduler_options
+    from diffax.training import inference
+
+    config = configuration.load(os.path.join(workdir, "config.json"))
+    euler = scheduler_options(json.loads(str(expected["euler_scheduler"])))  # from_config keeps DDIM's options
+    diffusion, sampling = scheduler_config_to_diffax(euler)
+    config.diffusion.update(diffusion)
+    config.sampling.update(sampling)
+    config.sampling.steps, config.sampling.guidance_scale = int(expected["steps"]), float(expected["guidance_scale"])
+    run = inference.load(workdir, config=config)
+    prompts = [str(p) for p in expected["prompts"]]
+    noise = expected["latents"].transpose(0, 2, 3, 1)
+    images = np.asarray(run.sample_fn(jnp.asarray(noise), jax.random.key(0), jnp.asarray(run.prompt_tokens(prompts))))
+    np.testing.assert_allclose(np.clip(images / 2 + 0.5, 0, 1), expected["images_euler"], atol=1e-5, rtol=0)

@@ -298,7 +298,7 @@ def load_sd_pipeline(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:
     if width != context_dim:
         raise UnsupportedDiffusersConfig(f"{text_dir} returns {width}-wide text states but the UNet's "
                                          f"cross_attention_dim is {context_dim}")
-    scheduler = pndm_as_ddim(_read_json(os.path.join(src, "scheduler", SCHEDULER_NAME)))
+    scheduler = scheduler_options(pndm_as_ddim(_read_json(os.path.join(src, "scheduler", SCHEDULER_NAME))))
     diffusion, sampling = scheduler_config_to_diffax(scheduler)
     side = latent["image_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     overrides = ml_collections.ConfigDict(dict(
@@ -312,6 +312,22 @@ def load_sd_pipeline(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:
         optimizer=dict(learning_rate=1e-5),  # a fine-tuning rate (diffusers' train_text_to_image examples)
     ))
     return overrides, model
+
+
+def scheduler_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Drop the options of other schedulers that a scheduler config carries after diffusers'
+    `OtherScheduler.from_config(pipe.scheduler.config)` (e.g. DDIM's clip_sample in an Euler config): the
+    class ignores them, so diffax does too. Keys no diffusers scheduler diffax knows has stay, and are errors."""
+    from diffax.models.diffusers import SCHEDULER_DEFAULTS
+
+    own = SCHEDULER_DEFAULTS.get(cfg.get("_class_name", ""))
+    if own is None:
+        return cfg
+    known = {k for defaults in SCHEDULER_DEFAULTS.values() for k in defaults} | {"skip_prk_steps"}
+    foreign = sorted(k for k in cfg if not k.startswith("_") and k not in own and k in known)
+    if foreign:
+        log.info("scheduler options %s belong to another scheduler class; %s ignores them", foreign, cfg["_class_name"])
+    return {k: v for k, v in cfg.items() if k not in foreign}
 
 
 def pndm_as_ddim(cfg: dict[str, Any]) -> dict[str, Any]:
