@@ -10,6 +10,9 @@ every tensor must be used and every option diffax does not reproduce is an error
 (UnsupportedDiffusersConfig): class / addition embeddings (SDXL's added time ids), only- or dual
 cross-attention, GLIGEN, other time embeddings, per-level layer or transformer counts.
 
+upcast_attention (SD 2.1) only changes half-precision runs (diffusers then computes attention scores
+in float32); imported models run in float32 (config.model.dtype), where it changes nothing.
+
 Heads: diffusers' attention_head_dim is, for this class, the number of heads (SD 1.x: 8 heads at
 every level); a list gives the heads per level (SD 2.x: 5, 10, 20, 20 heads of 64 channels). diffax
 maps equal head counts to config.model.num_heads and a constant width per head to head_channels.
