@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     tx.pooled = True  # add the pooled text vector to the timestep embedding (SDXL / SD3)
     tx.trainable = False  # pretrained encoder: train it too (the small one always trains)
     tx.caption_dropout = 0.1  # fraction of captions replaced by the empty prompt, for classifier-free guidance
+    tx.mask_context = True  # hide padding tokens from the UNet's cross-attention (False: Stable Diffusion's pipelines, which attend to all)
 
     # Denoiser network (diffax/models). name: unet | dit | mlp
     c.model = m = ml_collections.ConfigDict()

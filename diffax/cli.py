@@ -217,7 +217,8 @@ def _define_nothing(fv: flags.FlagValues) -> None:
 # ----------------------------------------------------------------------------- import-diffusers
 def _define_import(fv: flags.FlagValues) -> None:
     _config_flag(fv, False)
-    flags.DEFINE_string("src", None, "A diffusers pipeline folder (unet/, scheduler/) or a UNet2DModel folder "
+    flags.DEFINE_string("src", None, "A diffusers pipeline folder (unet/, scheduler/; a Stable Diffusion 1.x / 2.x "
+                        "pipeline also vae/, text_encoder/, tokenizer/) or a UNet2DModel folder "
                         "(config.json + diffusion_pytorch_model.safetensors).", flag_values=fv)
     flags.DEFINE_string("workdir", None, "The new run folder: config.json and a step-0 checkpoint.", flag_values=fv)
 
@@ -227,14 +228,35 @@ def _import_diffusers(fv: flags.FlagValues, args: list[str]) -> None:
 
     base = fv.config if fv.config is not None else _default_config()
     config = importing.import_diffusers(fv.src, fv.workdir, base)
+    prompt = " --prompt TEXT" if config.text.encoder else ""
     print(f"imported {fv.src} into {fv.workdir} (step 0; {config.diffusion.schedule} schedule, "
-          f"{config.diffusion.prediction} prediction). Sample: diffax sample --workdir {fv.workdir} --output DIR; "
-          f"fine-tune: diffax train --workdir {fv.workdir}")
+          f"{config.diffusion.prediction} prediction). Sample: diffax sample --workdir {fv.workdir} --output DIR"
+          f"{prompt}; fine-tune: diffax train --workdir {fv.workdir}"
+          + (" --config.data.name=folder:DIR (captioned images)" if prompt else ""))
+
+
+# ----------------------------------------------------------------------------- export-diffusers
+def _define_export(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "The run to export.", flag_values=fv)
+    flags.DEFINE_string("output", None, "A new folder: unet/ and scheduler/ (and, for a run imported from a Stable "
+                        "Diffusion pipeline, its vae/, text_encoder/, tokenizer/ and model_index.json).", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+    flags.DEFINE_bool("ema", True, "Export the EMA weights (--noema: the raw weights).", flag_values=fv)
+
+
+def _export_diffusers(fv: flags.FlagValues, args: list[str]) -> None:
+    from diffax.training import importing
+
+    out = importing.export_diffusers(fv.workdir, fv.output, use_ema=fv.ema, step=fv.step)
+    print(f"exported step {out['step']} of {fv.workdir} as a diffusers {out['unet']['_class_name']} in {fv.output}")
 
 
 # ----------------------------------------------------------------------------- encode-data
 def _define_encode(fv: flags.FlagValues) -> None:
-    _config_flag(fv, True)
+    _config_flag(fv, False)
+    flags.DEFINE_string("workdir", None, "Instead of --config: a run whose config.json names the autoencoder and data "
+                        "(e.g. an imported Stable Diffusion pipeline, with --config.data.name=folder:DIR).",
+                        flag_values=fv)
     flags.DEFINE_string("output", None, "The latent cache folder (resumed if it holds a partial cache).", flag_values=fv)
     flags.DEFINE_integer("shard_size", 4096, "Examples per shard file.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 256, "Images encoded per step (split over this process's devices).", flag_values=fv)
@@ -243,8 +265,11 @@ def _define_encode(fv: flags.FlagValues) -> None:
 def _encode_data(fv: flags.FlagValues, args: list[str]) -> None:
     from diffax.training.encode_data import encode_data
 
-    meta = encode_data(fv.config, fv.output, shard_size=fv.shard_size, batch_size=fv.batch_size)
-    print(f"encoded {meta['num_examples']} images of {fv.config.data.name} into {fv.output} "
+    if fv.config is None and fv.workdir is None:
+        raise errors.UserError("encode-data needs --config (a config file) or --workdir (a run's config.json).")
+    config = _config_or_workdirs(fv)
+    meta = encode_data(config, fv.output, shard_size=fv.shard_size, batch_size=fv.batch_size)
+    print(f"encoded {meta['num_examples']} images of {config.data.name} into {fv.output} "
           f"({meta['num_shards']} shards, latents {tuple(meta['latent_shape'])}); "
           f"train on them with --config.data.name=latents:{fv.output}")
 
@@ -322,10 +347,14 @@ COMMANDS = {
                 _define_prepare, _prepare, required=("config",), distributed=False),
         Command("convert-inception", "Convert NVIDIA's inception-2015-12-05.pt or pytorch-fid's .pth to diffax's .npz.",
                 _define_nothing, _convert_inception, positional="SRC DST.npz", distributed=False),
-        Command("import-diffusers", "Turn a diffusers UNet2DModel checkpoint into a diffax run (sample or fine-tune).",
-                _define_import, _import_diffusers, required=("src", "workdir")),
+        Command("import-diffusers", "Turn a diffusers UNet2DModel checkpoint or Stable Diffusion 1.x / 2.x pipeline "
+                "folder into a diffax run (sample or fine-tune).", _define_import, _import_diffusers,
+                required=("src", "workdir")),
+        Command("export-diffusers", "Write a run's UNet and scheduler in diffusers' format (UNet2DModel or "
+                "UNet2DConditionModel).", _define_export, _export_diffusers, required=("workdir", "output"),
+                distributed=False),
         Command("encode-data", "Encode a config's data set once with config.autoencoder.path (a latent cache).",
-                _define_encode, _encode_data, required=("config", "output")),
+                _define_encode, _encode_data, required=("output",)),
         Command("ema-reconstruct", "Reconstruct a post-hoc EMA of any length from a run's snapshots (EDM2).",
                 _define_ema_reconstruct, _ema_reconstruct, required=("workdir", "sigma_rel")),
         Command("sweep", "Run the trials of a config's get_sweep() and report them.", _define_sweep, _sweep,

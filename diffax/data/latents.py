@@ -6,6 +6,7 @@ A cache directory written by `diffax encode-data` (diffax/training/encode_data.p
                                  latent shape, the number of examples and shards, the data config
   shard-00000-of-00012.npz ...   "mean", "std" [n, h, w, c] float32 (the posterior of each image,
                                  stored whole as EDM2 does, Karras et al. 2024) and "label" [n] int32
+  captions.jsonl                 text data sets: one JSON list of captions per example, in order
 
 Training draws each step's latent from the stored distribution, z = mean + std * eps, with eps
 from the example's generator (seeded by config.seed and its position in the data stream, so the
@@ -25,6 +26,7 @@ import numpy as np
 from diffax.data.sources import SOURCES, Source
 
 META_NAME = "meta.json"
+CAPTIONS_NAME = "captions.jsonl"
 FORMAT = 1
 
 
@@ -117,6 +119,7 @@ def latents_source(arg: str, config: Any) -> Source:
         j = index % size
         return np.stack([arrays["mean"][j], arrays["std"][j]]), int(arrays["label"][j])
 
+    captions = read_captions(cache_dir, n)
     return Source(
         name=f"latents:{cache_dir}",
         kind="latent",
@@ -127,7 +130,21 @@ def latents_source(arg: str, config: Any) -> Source:
         float_images=True,
         describe=lambda index: f"latents:{cache_dir} example {index}",
         latent_scaling=(float(meta["scaling"]["scale"]), float(meta["scaling"]["shift"])),
+        captions=None if captions is None else captions.__getitem__,
     )
+
+
+def read_captions(cache_dir: str, n: int) -> list[tuple[str, ...]] | None:
+    """The cache's captions.jsonl (one list per example), or None when the data set had no captions."""
+    path = os.path.join(cache_dir, CAPTIONS_NAME)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        captions = [tuple(json.loads(line)) for line in f if line.strip()]
+    if len(captions) != n:
+        raise ValueError(f"{path} holds {len(captions)} caption lists for {n} examples: rerun `diffax encode-data` "
+                         "into a new folder.")
+    return captions
 
 
 def sample_latent(stacked: np.ndarray, rng: np.random.Generator, scale: float, shift: float) -> np.ndarray:

@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 
 from diffax import data, models, parameterization, schedules
+from diffax.training import latent
 from diffax.training import text as text_lib
 
 
@@ -35,6 +36,7 @@ class Diffusion:
     pooled: bool = False  # the network takes the pooled text vector
     null_tokens: Any = None  # text models: int32 [2, max_length], the empty prompt (the null condition)
     tokenizer: Any = None  # a pretrained encoder's own tokenizer (the small one's lives in the workdir)
+    mask_context: bool = True  # hide padding from the network's cross-attention (config.text.mask_context)
 
     def apply_fn(self, params: Any, dropout_key: jax.Array | None = None) -> Callable:
         """The network as apply_fn(z_in, c_noise, labels) for the diffusion math.
@@ -56,7 +58,7 @@ class Diffusion:
                 raise ValueError("a text model needs tokens (the empty prompt's for unconditional samples)")
             ids, mask = tokens[:, 0], tokens[:, 1]
             emb = encoder(ids, mask)
-            return net(z_in, c_noise, None, context=emb.hidden, context_mask=mask,
+            return net(z_in, c_noise, None, context=emb.hidden, context_mask=mask if self.mask_context else None,
                        pooled=emb.pooled if self.pooled else None, dropout_key=dropout_key)
 
         return apply_text
@@ -81,7 +83,7 @@ def num_classes(config: Any) -> int:
 def build(config: Any, seed: int | None = None) -> Diffusion:
     """Initialise the network (and learned schedule) of `config` with `seed` (default config.seed)."""
     seed = config.seed if seed is None else seed
-    shape = tuple(data.data_shape(config))
+    shape = tuple(latent.model_data_shape(config))  # latents when an autoencoder encodes images on the fly
     n_classes = num_classes(config)
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1))
     text = build_text(config, seed) if text_lib.enabled(config) else {}
@@ -135,4 +137,5 @@ def build_text(config: Any, seed: int) -> dict:
     trainable = str(t.encoder) == "small" or bool(t.trainable)
     return dict(text_graphdef=graphdef, text_rest=rest, text_trainable=trainable, pooled=pooled,
                 null_tokens=np.asarray(null_tokens), tokenizer=tokenizer, params=params,
+                mask_context=bool(t.get("mask_context", True)),
                 context_dim=int(emb.hidden.shape[-1]), pooled_dim=int(emb.pooled.shape[-1]) if pooled else 0)

@@ -72,6 +72,11 @@ def encode_data(config: Any, output: str, *, shard_size: int = 4096, batch_size:
                   resize=str(d.resize)),  # fmt: skip
     )
     _write_or_check_meta(output, meta)
+    if source.captions is not None and jax.process_index() == 0:  # text data: the captions travel with the latents
+        tmp = os.path.join(output, f".tmp-{latents.CAPTIONS_NAME}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(list(source.captions(r))) + "\n" for r in source.records)
+        os.replace(tmp, os.path.join(output, latents.CAPTIONS_NAME))
 
     transform = pipeline.ExampleTransform(
         decode=source.decode, describe=source.describe, kind="image", image_size=int(d.image_size),

@@ -1,4 +1,5 @@
-"""`diffax import-diffusers`: a diffusers UNet2DModel checkpoint as a diffax run (step 0) to sample or fine-tune."""
+"""`diffax import-diffusers`: a diffusers UNet2DModel checkpoint or Stable Diffusion pipeline folder as a diffax run
+(step 0) to sample or fine-tune; `diffax export-diffusers`: a run's UNet and scheduler back in diffusers' format."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,8 +9,8 @@ import ml_collections
 from flax import nnx
 
 from diffax import parallel
-from diffax.models.diffusers import load_diffusers_unet
-from diffax.training import checkpoint
+from diffax.models.diffusers_sd import load_any
+from diffax.training import checkpoint, latent
 from diffax.training.build import build
 from diffax.training.step import init_state, state_layout
 from diffax.training.trainer import TrainingError, prepare_workdir
@@ -30,22 +31,32 @@ def import_diffusers(src_dir: str, workdir: str, base_config: Any) -> Any:
     """Write `workdir/config.json` and a step-0 checkpoint holding the diffusers UNet's weights.
 
     The model, image size and (from scheduler_config.json) the schedule and
-    sampler come from the diffusers checkpoint; everything else (data source,
-    optimizer, training length) from `base_config`. Weights and EMA both start
+    sampler come from the diffusers checkpoint (for a Stable Diffusion pipeline also the
+    autoencoder and text encoder, read in place from the pipeline folder, which must stay);
+    everything else (data source, optimizer, training length) from `base_config`. Weights and EMA both start
     as the imported weights. Returns the resolved config.
     """
     if checkpoint.latest_step(workdir) is not None:
         raise TrainingError(f"{workdir!r} already holds checkpoints; import into a new --workdir.")
-    overrides, model = load_diffusers_unet(src_dir)
+    overrides, model = load_any(src_dir)  # a Stable Diffusion pipeline, or a UNet2DModel folder
     config = ml_collections.ConfigDict(base_config.to_dict())
     merge(config, overrides)
     prepare_workdir(workdir, config)
+    latent.record_autoencoder(workdir, config)  # SD pipelines: the VAE the run samples through
+    if jax.process_index() == 0:
+        import json
+        import os
+
+        from diffax.training.workdir import IMPORTED_NAME
+
+        with open(os.path.join(workdir, IMPORTED_NAME), "w", encoding="utf-8") as f:
+            json.dump({"src": os.path.abspath(src_dir)}, f, indent=2)
 
     diffusion = build(config)
     imported = nnx.split(model, nnx.Param, ...)[1]
     if jax.tree.structure(imported) != jax.tree.structure(diffusion.params["net"]):
         raise TrainingError("The imported UNet's weights do not match the network its config builds (a diffax bug).")
-    diffusion.params = {"net": imported, "schedule": diffusion.params["schedule"]}
+    diffusion.params = {**diffusion.params, "net": imported}  # the schedule's and a text encoder's as built
     tx, _, shardings = state_layout(diffusion, config, parallel.make_mesh(config.mesh))
     state = jax.device_put(init_state(diffusion, tx, len(config.training.posthoc_ema)), shardings)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints, async_save=False)
@@ -55,3 +66,39 @@ def import_diffusers(src_dir: str, workdir: str, base_config: Any) -> Any:
     finally:
         ckpt.close()
     return config
+
+
+def export_diffusers(workdir: str, output: str, *, use_ema: bool = True, step: int | None = None) -> dict:
+    """Write the run's UNet (EMA weights unless use_ema=False) as <output>/unet and its scheduler as
+    <output>/scheduler in diffusers' format (UNet2DModel, or UNet2DConditionModel for a text run).
+    For a run imported from a Stable Diffusion pipeline, the pipeline's other folders (vae, text_encoder,
+    tokenizer, model_index.json) are copied beside them, so diffusers loads <output> as a pipeline."""
+    import os
+    import shutil
+
+    from diffax.models.diffusers_sd import export_unet
+    from diffax.training import inference
+
+    if os.path.exists(output) and os.listdir(output):
+        raise TrainingError(f"--output {output} exists and is not empty: export into a new folder.")
+    run = inference.load(workdir, step=step, use_ema=use_ema)
+    net = nnx.merge(run.diffusion.net_graphdef, jax.device_get(run.params["net"]), run.diffusion.net_rest)
+    context_dim = int(getattr(net, "context_dim", 0) or 0)
+    cfg = export_unet(net, run.config, output, context_dim=context_dim)
+    config = run.config
+    if cfg["_class_name"] == "UNet2DConditionModel":
+        src = os.path.dirname(os.path.normpath(str(config.text.encoder)))
+        index = os.path.join(src, "model_index.json")
+        if os.path.exists(index) and os.path.normpath(str(config.autoencoder.path)) == os.path.join(src, "vae"):
+            for folder in ("vae", "text_encoder", "tokenizer"):
+                shutil.copytree(os.path.join(src, folder), os.path.join(output, folder))
+            shutil.copy(index, os.path.join(output, "model_index.json"))
+            import json
+
+            with open(os.path.join(output, "model_index.json"), encoding="utf-8") as f:
+                model_index = json.load(f)
+            with open(os.path.join(output, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+                model_index["scheduler"] = ["diffusers", json.load(f)["_class_name"]]
+            with open(os.path.join(output, "model_index.json"), "w", encoding="utf-8") as f:
+                json.dump(model_index, f, indent=2)
+    return dict(step=run.step, unet=cfg)

@@ -1,10 +1,12 @@
 """Latent diffusion wiring (Rombach et al. 2022): decode samples to pixels, and tie a run to its autoencoder.
 
 A latent run has config.autoencoder.path (a diffusers AutoencoderKL folder) and trains on
-`config.data.name="latents:DIR"`. Everything a user sees is decoded pixels: `make_decoder`
-is applied after the sampler in inference.make_sample_fn, the one function behind training
-grids, `diffax sample` and `diffax eval`. The run records the autoencoder's path and sha256
-in <workdir>/autoencoder.json and refuses to resume or evaluate with another one.
+`config.data.name="latents:DIR"`, or on images that the frozen autoencoder encodes in the train
+loop (`make_encoder`; e.g. fine-tuning an imported Stable Diffusion pipeline on a folder).
+Everything a user sees is decoded pixels: `make_decoder` is applied after the sampler in
+inference.make_sample_fn, the one function behind training grids, `diffax sample` and `diffax
+eval`. The run records the autoencoder's path and sha256 in <workdir>/autoencoder.json and refuses
+to resume or evaluate with another one.
 """
 from __future__ import annotations
 
@@ -23,14 +25,66 @@ def is_latent(config: Any) -> bool:
     return bool(config.autoencoder.path) and config.training.task == "diffusion"
 
 
+def encodes_on_the_fly(config: Any) -> bool:
+    """A latent run trained on images (not a latent cache): the frozen autoencoder encodes each batch
+    in the train loop (`make_encoder`), as diffusers' train_text_to_image does for Stable Diffusion."""
+    return is_latent(config) and not str(config.data.name).startswith("latents:")
+
+
 def check_config(config: Any) -> None:
-    """A latent run trains on a latent cache; the autoencoder alone cannot encode images on the fly."""
-    if is_latent(config) and not str(config.data.name).startswith("latents:"):
-        raise ValueError(
-            f"config.autoencoder.path={config.autoencoder.path!r} makes this a latent run, but config.data.name="
-            f"{config.data.name!r} is not a latent cache: run `diffax encode-data --config C --output DIR` and train "
-            "with --config.data.name=latents:DIR (or set config.autoencoder.path='' for pixel space)."
-        )
+    """A latent run on images: their size must be a multiple of the autoencoder's downsampling factor."""
+    model_data_shape(config)
+
+
+def _autoencoder_config(path: str) -> dict:
+    from diffax.models.diffusers import CONFIG_NAME
+    from diffax.models.diffusers_vae import locate
+
+    with open(os.path.join(locate(path), CONFIG_NAME), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def model_data_shape(config: Any) -> tuple[int, ...]:
+    """The shape the denoiser sees: data.data_shape, or for a latent run on images (encodes_on_the_fly)
+    (image_size / f, image_size / f, latent_channels) with f the autoencoder's downsampling factor."""
+    from diffax import data
+
+    if not encodes_on_the_fly(config):
+        return tuple(data.data_shape(config))
+    vae = _autoencoder_config(str(config.autoencoder.path))
+    factor = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)
+    size = int(config.data.image_size)
+    if size % factor:
+        raise ValueError(f"config.data.image_size={size} is not divisible by the autoencoder's downsampling factor "
+                         f"{factor} ({config.autoencoder.path}): use a multiple of {factor}.")
+    return (size // factor, size // factor, int(vae.get("latent_channels", 4)))
+
+
+def make_encoder(config: Any, sharding: Any) -> Callable | None:
+    """encode(batch, step) -> the batch with batch["image"] replaced by scaled latents, for runs that
+    encode on the fly (None otherwise): z ~ q(z | x) of the frozen autoencoder (Rombach et al. 2022,
+    sec. 3: the posterior sample, as diffusers' latent_dist.sample()), then LatentScaling.to_latent.
+    The sample's key is fold_in(key(seed), step) folded once more, so a resumed run draws the same."""
+    if not encodes_on_the_fly(config):
+        return None
+    from diffax.models.autoencoder import sample_posterior
+    from diffax.training.encode_data import check_images
+
+    graphdef, state, scaling = _load(os.path.abspath(str(config.autoencoder.path)))
+    vae = nnx.merge(graphdef, state)
+    check_images(config, in_channels=int(vae.encoder.conv_in.kernel.shape[2]), downsampling=vae.downsampling)
+    seed = int(config.seed)
+
+    @functools.partial(jax.jit, out_shardings=sharding)
+    def encode(vae_state, images, step):
+        mean, logvar = nnx.merge(graphdef, vae_state).encode(images)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), 0x5EED)
+        return scaling.to_latent(sample_posterior(mean, logvar, key))
+
+    def prepare(batch: dict, step: int) -> dict:
+        return {**batch, "image": encode(state, batch["image"], step)}
+
+    return prepare
 
 
 def pixel_data_config(config: Any) -> Any:

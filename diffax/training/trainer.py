@@ -158,6 +158,7 @@ class _Run:
     grids: Any  # SampleGrids, or autoencoder.Reconstructions
     abstract: TrainState  # shapes and dtypes of the state
     snapshots: posthoc_snapshots.Snapshotter | None  # post-hoc EMA snapshots (config.training.posthoc_ema)
+    encode: Any = None  # latent runs on images: batch, step -> the batch with latents (latent.make_encoder)
 
 
 def _set_up(config: Any, workdir: str) -> _Run:
@@ -210,7 +211,8 @@ def _set_up(config: Any, workdir: str) -> _Run:
     snapshots = None
     if t.posthoc_ema:
         snapshots = posthoc_snapshots.Snapshotter(workdir, t.posthoc_ema, t.posthoc_ema_every, t.num_steps)
-    return _Run(mesh, state, train_step, iterator, ckpt, grids, abstract, snapshots)
+    encode = None if train_autoencoder else latent.make_encoder(config, batch_sharding)
+    return _Run(mesh, state, train_step, iterator, ckpt, grids, abstract, snapshots, encode)
 
 
 def _loop(config: Any, workdir: str, run: _Run, stop: preemption.StopOnSignal) -> dict[str, float]:
@@ -251,6 +253,8 @@ def _loop(config: Any, workdir: str, run: _Run, stop: preemption.StopOnSignal) -
         while step < t.num_steps:
             wait_start = time.perf_counter()
             batches = [next(iterator) for _ in range(k)]
+            if run.encode is not None:  # images -> latents of the frozen autoencoder
+                batches = [run.encode(b, step + i) for i, b in enumerate(batches)]
             data_wait = time.perf_counter() - wait_start
             state, metrics = run.train_step(state, batches[0] if k == 1 else _stack(batches))
             step += k

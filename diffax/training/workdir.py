@@ -84,12 +84,24 @@ def check_config(workdir: str, config: Any, *, force: bool = False) -> list[str]
             )
         return []
     diffs = configuration.differences(configuration.to_dict(configuration.load(path)), configuration.to_dict(config))
+    if diffs and not force and imported_untrained(workdir) and all(d.startswith(FINE_TUNE_FIELDS) for d in diffs):
+        return diffs  # fine-tuning an imported checkpoint: its data, optimiser and schedule of training are the user's
     if diffs and not force:
         raise UserError(
             f"{workdir!r} holds a run with a different config:\n  " + "\n  ".join(diffs)
             + "\nUse a new --workdir, or pass --force to continue this run with the new config."
         )
     return diffs
+
+
+IMPORTED_NAME = "imported.json"  # written by `diffax import-diffusers`: where the step-0 weights came from
+FINE_TUNE_FIELDS = ("data.", "optimizer.", "training.", "sampling.", "eval.", "mesh.", "seed:", "text.caption_dropout:",
+                    "model.dtype:", "model.remat:")
+
+
+def imported_untrained(workdir: str) -> bool:
+    """A run made by import-diffusers that has not trained yet (only its step-0 checkpoint)."""
+    return os.path.exists(os.path.join(workdir, IMPORTED_NAME)) and checkpoint.latest_step(workdir) == 0
 
 
 def write_config(workdir: str, config: Any, *, keep_old: bool) -> None:
