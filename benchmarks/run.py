@@ -36,11 +36,12 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import samplers as sampler_bench
 from benchmarks.common import environment, median
-from benchmarks.train_step import Bench
+from benchmarks.train_step import Bench, synthetic_tokens
 from diffax import compilation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,6 +159,8 @@ def sampler_figures(bench: Bench, options: Options) -> dict[str, Any]:
     local = batch // jax.process_count()
     noise = put(rng.standard_normal((local, *d.data_shape)).astype(np.float32))
     labels = put((np.arange(local) % d.num_classes).astype(np.int32)) if d.num_classes else None
+    if d.null_tokens is not None:  # text models: the prompts' tokens are the condition
+        labels = put(synthetic_tokens(d, local, rng))
     key = jax.random.PRNGKey(1)
     schedule = d.schedule(params)
     t_mid = put(np.full((local,), 0.5, np.float32))
@@ -165,6 +168,13 @@ def sampler_figures(bench: Bench, options: Options) -> dict[str, Any]:
                             out_shardings=bench.batch_sharding)(noise, t_mid)
     param_shardings = bench.state_shardings.ema
     chains: dict[int, Any] = {}
+    net_args = (params, z_in, c_noise, labels)
+    guided = float(config.sampling.guidance_scale) != 1.0 and labels is not None
+    if guided:  # the sampler evaluates the conditional and the null halves as one batch of 2B: so does the reference
+        null = jnp.broadcast_to(jnp.asarray(d.null_label, jnp.int32), labels.shape)
+        net_args = (params, *jax.jit(lambda z, c, y: (jnp.concatenate([z, z]), jnp.concatenate([c, c]),
+                                                      jnp.concatenate([y, null])),
+                                     out_shardings=bench.batch_sharding)(z_in, c_noise, labels))
 
     def net_chain(n: int):
         """`n` network evaluations in one program, each fed the last one's output and a noise level
@@ -193,10 +203,10 @@ def sampler_figures(bench: Bench, options: Options) -> dict[str, Any]:
     rows = []
     for name in options.samplers:
         nfe = sampler_bench.NFE[name](options.sampler_steps)
-        r = sampler_bench.efficiency_rounds(net_chain(nfe), (params, z_in, c_noise, labels),
+        r = sampler_bench.efficiency_rounds(net_chain(nfe), net_args,
                                             sample_fn(name, options.sampler_steps), (params, noise, key, labels),
                                             nfe, options.repeats, evals_per_call=nfe, net_calls=1)
-        rows.append({"sampler": name, "steps": options.sampler_steps, "nfe": nfe, **r})
+        rows.append({"sampler": name, "steps": options.sampler_steps, "nfe": nfe, "guided": guided, **r})
 
     name = str(config.sampling.sampler)
     lo, hi = options.compile_steps
@@ -348,7 +358,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for r in eff:
         extra = f" (CPU time {r['efficiency_cpu']:.3f})" if cpu else ""
-        rows.append((f"{r['sampler']} efficiency, {r['steps']} steps, {r['nfe']} NFE",
+        guided = " (guided: 2B per evaluation)" if r.get("guided") else ""
+        rows.append((f"{r['sampler']} efficiency, {r['steps']} steps, {r['nfe']} NFE{guided}",
                      f"{r['efficiency']:.3f}{extra}"))
     rows.append((f"{comp['sampler']} compile {lo} / {hi} steps (s)",
                  f"{comp['compile_s'][lo]:.2f} / {comp['compile_s'][hi]:.2f} (ratio {comp['ratio']:.2f})"))

@@ -29,6 +29,15 @@ from diffax.training.state import learning_rate_schedule
 from diffax.training.step import init_state, make_train_step, state_layout
 
 
+def synthetic_tokens(diffusion: Any, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n captions' tokens [n, 2, L] shaped like the data pipeline's: random ids of the encoder's vocabulary,
+    the mask on every position (no padding: the cost of the longest caption)."""
+    length = np.asarray(diffusion.null_tokens).shape[-1]
+    vocab = int(getattr(diffusion.tokenizer, "vocab_size", 0) or diffusion.config.text.vocab_size)
+    ids = rng.integers(0, vocab, (n, length)).astype(np.int32)
+    return np.stack([ids, np.ones_like(ids)], axis=1)
+
+
 class Bench:
     """One config's train step, built the trainer's way, with a fixed synthetic batch on the devices."""
 
@@ -63,6 +72,8 @@ class Bench:
             "image": rng.uniform(-1, 1, (local, *self.diffusion.data_shape)).astype(np.float32),
             "label": (np.arange(local) % n_classes).astype(np.int32),
         }
+        if self.diffusion.null_tokens is not None:  # text models: captions as tokens [B, 2, L] (ids, mask)
+            host["tokens"] = synthetic_tokens(self.diffusion, local, rng)
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in host.items()}
 
     def jitted_step(self) -> Callable:
@@ -169,11 +180,25 @@ class Bench:
             "memory_analysis": sizes,
         }
 
+    def _tokenizer_for(self, data_config: Any) -> Callable | None:
+        """Text models: what the trainer tokenizes captions with (a pretrained encoder's tokenizer, or the
+        small encoder's built from the captions, here in a scratch folder); None otherwise."""
+        if self.diffusion.null_tokens is None:
+            return None
+        if self.diffusion.tokenizer is not None:
+            return lambda source: self.diffusion.tokenizer
+        import tempfile
+
+        from diffax.training import text
+
+        return text.small_tokenizer_for_training(data_config, tempfile.mkdtemp(prefix="diffax_bench_"))
+
     def input_stall(self, data_config: Any, steps: int, repeats: int, warmup: int = 2) -> dict[str, Any]:
         """Fraction of the training loop's time spent in `next(iterator)`: the trainer's
         data_wait_fraction, as the median over `repeats` windows of `steps` steps after `warmup`
         steps (the first batches start the pipeline). Also the loop's images/s with real data."""
-        iterator = data.make_iterator(data_config, sharding=self.batch_sharding)
+        iterator = data.make_iterator(data_config, sharding=self.batch_sharding,
+                                      tokenizer_for=self._tokenizer_for(data_config))
         try:
             for _ in range(warmup):
                 metrics = self.step(next(iterator))
