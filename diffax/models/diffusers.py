@@ -70,6 +70,15 @@ class UnsupportedDiffusersConfig(ValueError):
     """A diffusers architecture, option or tensor that the diffax UNet cannot represent."""
 
 
+def with_defaults(cfg: dict[str, Any], defaults: dict[str, Any], cls: str) -> dict[str, Any]:
+    """A diffusers config.json's options over its class's constructor defaults (as diffusers itself reads
+    it), after checking that the class takes every key (else UnsupportedDiffusersConfig naming them)."""
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in defaults)
+    if unknown:
+        raise UnsupportedDiffusersConfig(f"unknown {cls} config keys: {', '.join(unknown)}")
+    return {**defaults, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
+
+
 # --------------------------------------------------------------------------- config mapping
 
 
@@ -92,10 +101,7 @@ def unet_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str
         raise UnsupportedDiffusersConfig(
             f"diffusers model class {cfg['_class_name']!r} is not supported; only UNet2DModel can be imported"
         )
-    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in UNET2D_DEFAULTS)
-    if unknown:
-        raise UnsupportedDiffusersConfig(f"unknown UNet2DModel config keys: {', '.join(unknown)}")
-    c = {**UNET2D_DEFAULTS, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
+    c = with_defaults(cfg, UNET2D_DEFAULTS, "UNet2DModel")
 
     def require(key: str, ok: bool, what: str) -> None:
         if not ok:
@@ -290,11 +296,7 @@ def scheduler_config_to_diffax(
         raise UnsupportedDiffusersConfig(
             f"diffusers scheduler {cls!r} is not supported (supported: {', '.join(sorted(SCHEDULERS))})"
         )
-    defaults = SCHEDULER_DEFAULTS[cls]
-    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in defaults)
-    if unknown:
-        raise UnsupportedDiffusersConfig(f"unknown {cls} config keys: {', '.join(unknown)}")
-    c = {**defaults, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
+    c = with_defaults(cfg, SCHEDULER_DEFAULTS[cls], cls)
     for key, only in _ONLY.items():
         if key in c and key not in _ONLY_EXCEPT.get(cls, ()) and c[key] != only:
             raise UnsupportedDiffusersConfig(f"{cls} option {key}={c[key]!r} is not supported (only {only!r})")

@@ -48,6 +48,7 @@ from diffax.models.diffusers import (
     load_weights,
     scheduler_config_to_diffax,
     transformer_source,
+    with_defaults,
 )
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,7 @@ def cond_unet_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], int
     cls = cfg.get("_class_name", "UNet2DConditionModel")
     if cls != "UNet2DConditionModel":
         raise UnsupportedDiffusersConfig(f"diffusers model class {cls!r} is not a UNet2DConditionModel")
-    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in UNET2D_CONDITION_DEFAULTS)
-    if unknown:
-        raise UnsupportedDiffusersConfig(f"unknown UNet2DConditionModel config keys: {', '.join(unknown)}")
-    c = {**UNET2D_CONDITION_DEFAULTS, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
+    c = with_defaults(cfg, UNET2D_CONDITION_DEFAULTS, "UNet2DConditionModel")
     for key, only in _ONLY.items():
         value = c[key]
         if isinstance(value, (list, tuple)) and key == "only_cross_attention":

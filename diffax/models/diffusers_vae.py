@@ -19,7 +19,7 @@ from flax import nnx
 
 from diffax.models import construct
 from diffax.models.autoencoder import AutoencoderKL, LatentScaling
-from diffax.models.diffusers import CONFIG_NAME, WEIGHTS_NAME, UnsupportedDiffusersConfig, load_weights
+from diffax.models.diffusers import CONFIG_NAME, WEIGHTS_NAME, UnsupportedDiffusersConfig, load_weights, with_defaults
 
 # AutoencoderKL.__init__ defaults (diffusers 0.2x-0.4x): used for keys an older config.json lacks.
 AUTOENCODER_KL_DEFAULTS: dict[str, Any] = dict(
@@ -56,10 +56,7 @@ def autoencoder_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], L
         raise UnsupportedDiffusersConfig(
             f"diffusers autoencoder class {cls!r} is not supported; only AutoencoderKL can be imported"
         )
-    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in AUTOENCODER_KL_DEFAULTS)
-    if unknown:
-        raise UnsupportedDiffusersConfig(f"unknown AutoencoderKL config keys: {', '.join(unknown)}")
-    c = {**AUTOENCODER_KL_DEFAULTS, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
+    c = with_defaults(cfg, AUTOENCODER_KL_DEFAULTS, "AutoencoderKL")
 
     def require(key: str, ok: bool, what: str) -> None:
         if not ok:
