@@ -5,6 +5,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "diffusers_unet", "ddpm")
@@ -16,6 +17,7 @@ def diffax(*args, cwd):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # a CLI import + sample; the import's predictions are checked in-process by test_diffusers_import.py
 def test_import_then_load_predicts_like_diffusers_and_samples(tmp_path):
     workdir = tmp_path / "run"
     r = diffax("import-diffusers", "--src", FIXTURE, "--workdir", str(workdir), cwd=tmp_path)  # not from the repo

@@ -65,6 +65,7 @@ def snapshot_started(workdir, step):
 
 
 # Killed from outside as soon as the snapshot of step 16 starts to be written.
+@pytest.mark.slow  # a killed and a resumed CLI run; the profiles live in the TrainState, whose SIGKILL resume test_training.py checks
 def test_sigkill_then_resume_gives_bit_identical_profiles(reference, tmp_path):
     code, out = signal_when(start_diffax(toy_args(tmp_path, *POSTHOC)), lambda: snapshot_started(tmp_path, 16),
                             signal.SIGKILL)

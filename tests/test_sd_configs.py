@@ -20,7 +20,8 @@ SD21 = dict(SD15, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, 
             only_cross_attention=False, resnet_time_scale_shift="default", class_embed_type=None)
 
 
-@pytest.mark.parametrize("cfg,params,heads", [(SD15, 859_520_964, (8, -1)), (SD21, 865_910_724, (1, 64))])
+@pytest.mark.parametrize("cfg,params,heads", [(SD15, 859_520_964, (8, -1)),
+                                               pytest.param(SD21, 865_910_724, (1, 64), marks=pytest.mark.slow)])
 def test_published_configs_have_published_sizes(cfg, params, heads):
     model_fields, context_dim, data = cond_unet_config_to_diffax(cfg)
     assert (model_fields["num_heads"], model_fields["head_channels"]) == heads

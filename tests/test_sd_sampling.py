@@ -99,6 +99,7 @@ def test_export_command_writes_a_pipeline_folder(workdir, tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+@pytest.mark.slow  # the DDIM pipeline run is the default check; Euler's grid is checked against diffusers in test_samplers.py
 def test_euler_scheduler_matches_stable_diffusion_pipeline(workdir, expected):
     """The same pipeline with EulerDiscreteScheduler.from_config: diffusers scales the latents by init_noise_sigma
     (sqrt(sigma_max^2 + 1)); diffax's euler sampler on diffusers' grid takes the same unit noise."""

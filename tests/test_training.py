@@ -146,6 +146,7 @@ def test_sigterm_saves_at_the_step_reached_and_resumes_bit_identical(reference, 
             assert losses(tmp_path)[k] == losses(reference)[k], k
 
 
+@pytest.mark.slow  # two CLI runs; the refusal itself is checked in-process by test_reliability.py
 def test_a_different_config_is_refused_unless_forced(reference, tmp_path):
     import shutil
 
@@ -172,6 +173,7 @@ def test_unwritable_workdir_is_reported_before_training(tmp_path):
     assert r.returncode == 1 and "not writable" in r.stderr and str(blocker / "run") in r.stderr
 
 
+@pytest.mark.slow  # CLI sampling of the toy run; `diffax sample` is also run by test_posthoc_ema_run.py and test_sd_sampling.py
 def test_sample_command_uses_the_latest_checkpoint(reference, tmp_path):
     noise = np.random.default_rng(0).standard_normal((50, 2)).astype(np.float32)
     np.save(tmp_path / "noise.npy", noise)
@@ -215,6 +217,12 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     run = inference.load(str(tmp_path / "stop"))
     assert run.step == 4 and all(np.isfinite(x).all() for x in __import__("jax").tree.leaves(run.params))
 
+
+@pytest.mark.slow  # a CLI run; skipped steps are counted in-process by test_reliability.py too
+def test_nan_loss_with_skip_skips_and_counts_the_step(tmp_path):
+    images = np.random.default_rng(0).uniform(size=(64, 8, 8, 1)).astype(np.float32)
+    images[40] = np.nan
+    np.savez(tmp_path / "data.npz", image=images)
     # skip: step 5 (the update to step 6) is skipped and counted in the log window (5, 6].
     run_diffax(nan_args(tmp_path / "skip", tmp_path / "data.npz", "--config.training.nan_policy=skip",
                         "--config.training.log_every=2"))
