@@ -53,7 +53,12 @@ def tree_bytes(tree: Any) -> int:
 
 
 def _manager(path: str, async_save: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=async_save)
+    # Its own barrier names: a snapshot and a checkpoint of the same step are saved at once, and with one
+    # shared prefix the second save's "_async_write_complete.<step>" barrier collides with the first's
+    # on a multi-process run.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None, create=True, enable_async_checkpointing=async_save,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="posthoc_ema"))
     return ocp.CheckpointManager(path, options=options)
 
 
