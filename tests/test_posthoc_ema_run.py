@@ -1,6 +1,6 @@
 """Post-hoc EMA end to end through the `diffax` command: snapshots during training (kept whatever
 keep_checkpoints says), bit-identical profiles after a SIGKILL and resume, `diffax ema-reconstruct`
-against the snapshots combined by hand, `sample --ema`, 2 processes, and fsdp over 8 devices (slow)."""
+against the snapshots combined by hand, `sample --ema`; 2 processes and fsdp over 8 devices (slow)."""
 import os
 import signal
 import warnings
@@ -123,6 +123,7 @@ def test_fsdp_over_eight_devices(reference, tmp_path):
 
 # 2 processes x 2 devices train, then reconstruct together. A snapshot and a checkpoint of the same step
 # are saved at once: this caught their Orbax barriers colliding (a hang at the last step).
+@pytest.mark.slow  # 20-50 s on 2 cores; the 2-process training itself is in test_multihost.py's default run
 def test_two_processes(reference, tmp_path):
     from test_multihost import check_ok, launch
 

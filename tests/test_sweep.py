@@ -315,6 +315,7 @@ def test_example_experiment_expands(capsys):
 # ----------------------------------------------------------------------------- the command and a real trial
 
 
+@pytest.mark.slow  # real trials through submitit (20-35 s); the engine's bookkeeping is tested with fakes
 def test_a_real_toy2d_trial(tmp_path):
     """One 4-step toy2d trial through `python -m diffax sweep`: it trains exactly what `diffax train` trains."""
     config = write_config(tmp_path, "return sweep('config.diffusion.prediction', ['v'])")
