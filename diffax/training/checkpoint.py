@@ -152,9 +152,10 @@ class Checkpointer:
     def step_dir(self, step: int) -> str:
         return os.path.join(str(self.manager.directory), str(step))
 
-    def check(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> None:
+    def check(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
         """Before reading any array: raise DamagedCheckpoint if the checkpoint's metadata is missing or
-        unreadable, and UserError if its arrays or data position do not fit this config."""
+        unreadable, and UserError if its arrays or data position do not fit this config. Returns the
+        saved state's metadata tree."""
         path = self.step_dir(step)
         state_dir = os.path.join(path, "state")
         if not os.path.isdir(state_dir):
@@ -163,8 +164,8 @@ class Checkpointer:
             metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
         except Exception as e:  # noqa: BLE001 - any unreadable metadata means a damaged checkpoint
             raise DamagedCheckpoint(step, path, f"its metadata cannot be read ({type(e).__name__}: {e})") from e
-        saved = _arrays(getattr(metadata, "tree", metadata))
-        mismatch = first_mismatch(saved, _arrays(abstract_state))
+        tree = getattr(metadata, "tree", metadata)
+        mismatch = first_mismatch(_arrays(tree), _arrays(abstract_state))
         if mismatch:
             raise UserError(
                 f"The checkpoint at step {step} in {os.path.dirname(os.path.dirname(path))} does not fit this config: "
@@ -182,14 +183,14 @@ class Checkpointer:
             except (OSError, ValueError) as e:
                 raise DamagedCheckpoint(step, path, f"{data_file} cannot be read ({e})") from e
             data_iterator.check_state(saved_position)
+        return tree
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
         """Restore the train state (placed as `abstract_state`'s shardings say) and the data position.
 
         Checks first (see `check`); any failure of the restore itself means a damaged checkpoint.
         """
-        self.check(step, abstract_state, data_iterator)
-        target, fill = _saved_fields(self.step_dir(step), abstract_state)
+        target, fill = _saved_fields(self.check(step, abstract_state, data_iterator), abstract_state)
         restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
         items = {"state": ocp.args.PyTreeRestore(target, restore_args=restore_args)}
         # An imported checkpoint (diffax import-diffusers) has no data position: the data starts afresh.
@@ -224,22 +225,18 @@ class Checkpointer:
         self.manager.close()
 
 
-def _saved_fields(path: str, abstract_state: Any) -> tuple[Any, Any]:
+def _saved_fields(saved: Any, abstract_state: Any) -> tuple[Any, Any]:
     """The restore target and a function completing what it restores, for a checkpoint of an older diffax.
 
     A TrainState field added since (e.g. posthoc_ema) that holds no arrays in this config
-    (its value is empty) is absent from such a checkpoint: it is left out of the target and
-    put back, empty, after the restore. Any other difference is for `check` to report.
+    (its value is empty) is absent from such a checkpoint's metadata tree `saved`: it is left
+    out of the target and put back, empty, after the restore. Any other difference is for
+    `check` to report.
     """
-    if not dataclasses.is_dataclass(abstract_state):
-        return abstract_state, lambda state: state
-    try:
-        saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(os.path.join(path, "state")))
-        saved = getattr(saved, "tree", saved)
-    except Exception:  # noqa: BLE001 - `check` already read it; a failure here surfaces in the restore
+    if not dataclasses.is_dataclass(abstract_state) or not isinstance(saved, dict):
         return abstract_state, lambda state: state
     fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
-    absent = {k: v for k, v in fields.items() if isinstance(saved, dict) and k not in saved and not jax.tree.leaves(v)}
+    absent = {k: v for k, v in fields.items() if k not in saved and not jax.tree.leaves(v)}
     if not absent:
         return abstract_state, lambda state: state
     target = {k: v for k, v in fields.items() if k not in absent}
