@@ -181,6 +181,11 @@ def _vp_from_integral(b: Array) -> tuple[Array, Array]:
     return -b, jnp.log(-jnp.expm1(-b))
 
 
+def _linear_beta_integral(t: Array, beta_min: float, beta_max: float) -> Array:
+    """B(t) = int_0^t beta(s) ds of the linear beta(s) = beta_min + s (beta_max - beta_min)."""
+    return beta_min * t + 0.5 * (beta_max - beta_min) * t**2
+
+
 def _t_from_quadratic_integral(b: Array, beta_min: float, beta_max: float) -> Array:
     """Solve B = beta_min t + (beta_max - beta_min) t^2 / 2 for t >= 0 (cancellation-free root)."""
     return 2.0 * b / (beta_min + jnp.sqrt(beta_min**2 + 2.0 * (beta_max - beta_min) * b))
@@ -202,7 +207,7 @@ class VPLinear(VPSchedule):
 
     def integral(self, t: Array) -> Array:
         """B(t) = int_0^t beta(s) ds."""
-        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+        return _linear_beta_integral(t, self.beta_min, self.beta_max)
 
     def log_alpha2_sigma2(self, t):
         return _vp_from_integral(self.integral(_f32(t)))
@@ -383,7 +388,7 @@ class SubVP(Schedule):
     num_steps: int = 0
 
     def integral(self, t: Array) -> Array:
-        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+        return _linear_beta_integral(t, self.beta_min, self.beta_max)
 
     def alpha_sigma(self, t):
         b = self.integral(_f32(t))

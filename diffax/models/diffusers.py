@@ -13,9 +13,10 @@ schedule (config.diffusion.num_steps = T > 0) c_noise is exactly that index
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import ml_collections
@@ -70,6 +71,21 @@ class UnsupportedDiffusersConfig(ValueError):
     """A diffusers architecture, option or tensor that the diffax UNet cannot represent."""
 
 
+def class_options(cfg: dict[str, Any], cls: str, defaults: dict[str, Any], what: str) -> dict[str, Any]:
+    """A config.json that must be of diffusers class `cls` -> its options over the class's defaults.
+    `what` completes the error of another class: "only UNet2DModel can be imported", say."""
+    found = cfg.get("_class_name", cls)
+    if found != cls:
+        raise UnsupportedDiffusersConfig(f"diffusers class {found!r} is not supported; {what}")
+    return with_defaults(cfg, defaults, cls)
+
+
+def require(cls: str, options: dict[str, Any], key: str, ok: bool, what: str) -> None:
+    """UnsupportedDiffusersConfig naming the option `key` of `cls` and why, unless ok."""
+    if not ok:
+        raise UnsupportedDiffusersConfig(f"{cls} option {key}={options[key]!r} is not supported: {what}")
+
+
 def with_defaults(cfg: dict[str, Any], defaults: dict[str, Any], cls: str) -> dict[str, Any]:
     """A diffusers config.json's options over its class's constructor defaults (as diffusers itself reads
     it), after checking that the class takes every key (else UnsupportedDiffusersConfig naming them)."""
@@ -97,39 +113,32 @@ def unet_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 
     Raises UnsupportedDiffusersConfig naming any class, block type or option diffax cannot map.
     """
-    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise UnsupportedDiffusersConfig(
-            f"diffusers model class {cfg['_class_name']!r} is not supported; only UNet2DModel can be imported"
-        )
-    c = with_defaults(cfg, UNET2D_DEFAULTS, "UNet2DModel")
+    c = class_options(cfg, "UNet2DModel", UNET2D_DEFAULTS, "only UNet2DModel can be imported")
+    check = functools.partial(require, "UNet2DModel", c)
 
-    def require(key: str, ok: bool, what: str) -> None:
-        if not ok:
-            raise UnsupportedDiffusersConfig(f"UNet2DModel option {key}={c[key]!r} is not supported: {what}")
-
-    require("center_input_sample", not c["center_input_sample"], "diffax feeds inputs in [-1, 1] unchanged")
-    require("time_embedding_type", c["time_embedding_type"] == "positional", "only 'positional' is mapped")
-    require("mid_block_type", c["mid_block_type"] == "UNetMidBlock2D", "only 'UNetMidBlock2D' is mapped")
-    require("mid_block_scale_factor", float(c["mid_block_scale_factor"]) == 1.0, "only 1 is mapped")
-    require("act_fn", c["act_fn"] in ("silu", "swish"), "only silu / swish")
-    require("class_embed_type", c["class_embed_type"] is None, "class embeddings are not mapped")
-    require("num_class_embeds", c["num_class_embeds"] is None, "class embeddings are not mapped")
-    require("norm_num_groups", isinstance(c["norm_num_groups"], int), "needs an integer group count")
-    require("layers_per_block", isinstance(c["layers_per_block"], int), "needs one count for every level")
-    require("resnet_time_scale_shift", c["resnet_time_scale_shift"] in ("default", "scale_shift"), "")
-    require("downsample_type", c["downsample_type"] in ("conv", "resnet"), "only conv / resnet")
-    require("upsample_type", c["upsample_type"] in ("conv", "resnet"), "only conv / resnet")
-    require("downsample_padding", c["downsample_padding"] in (0, 1), "only 0 or 1")
+    check("center_input_sample", not c["center_input_sample"], "diffax feeds inputs in [-1, 1] unchanged")
+    check("time_embedding_type", c["time_embedding_type"] == "positional", "only 'positional' is mapped")
+    check("mid_block_type", c["mid_block_type"] == "UNetMidBlock2D", "only 'UNetMidBlock2D' is mapped")
+    check("mid_block_scale_factor", float(c["mid_block_scale_factor"]) == 1.0, "only 1 is mapped")
+    check("act_fn", c["act_fn"] in ("silu", "swish"), "only silu / swish")
+    check("class_embed_type", c["class_embed_type"] is None, "class embeddings are not mapped")
+    check("num_class_embeds", c["num_class_embeds"] is None, "class embeddings are not mapped")
+    check("norm_num_groups", isinstance(c["norm_num_groups"], int), "needs an integer group count")
+    check("layers_per_block", isinstance(c["layers_per_block"], int), "needs one count for every level")
+    check("resnet_time_scale_shift", c["resnet_time_scale_shift"] in ("default", "scale_shift"), "")
+    check("downsample_type", c["downsample_type"] in ("conv", "resnet"), "only conv / resnet")
+    check("upsample_type", c["upsample_type"] in ("conv", "resnet"), "only conv / resnet")
+    check("downsample_padding", c["downsample_padding"] in (0, 1), "only 0 or 1")
     boc = [int(b) for b in c["block_out_channels"]]
     ch = boc[0]
-    require("block_out_channels", all(b % ch == 0 for b in boc), "every width must be a multiple of the first")
-    require(
+    check("block_out_channels", all(b % ch == 0 for b in boc), "every width must be a multiple of the first")
+    check(
         "time_embedding_dim", c["time_embedding_dim"] in (None, 4 * ch), f"the UNet's time embedding is 4 x {ch}"
     )
     scale_shift = c["resnet_time_scale_shift"] == "scale_shift"
     if c["add_attention"]:
         attn_groups = c["attn_norm_num_groups"]
-        require(
+        check(
             "attn_norm_num_groups",
             attn_groups == c["norm_num_groups"] or (attn_groups is None and not scale_shift),
             "the mid-block attention must have a GroupNorm with norm_num_groups groups "
@@ -137,11 +146,11 @@ def unet_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str
         )
     size = c["sample_size"]
     if isinstance(size, (list, tuple)):
-        require("sample_size", len(size) == 2 and size[0] == size[1], "only square images")
+        check("sample_size", len(size) == 2 and size[0] == size[1], "only square images")
         size = size[0]
-    require("sample_size", isinstance(size, int), "needed to place attention by resolution")
+    check("sample_size", isinstance(size, int), "needed to place attention by resolution")
     in_ch, out_ch = int(c["in_channels"]), int(c["out_channels"])
-    require("out_channels", out_ch in (in_ch, 2 * in_ch), "must equal in_channels (or 2x for learned sigma)")
+    check("out_channels", out_ch in (in_ch, 2 * in_ch), "must equal in_channels (or 2x for learned sigma)")
 
     downs, ups = list(c["down_block_types"]), list(c["up_block_types"])
     n = len(boc)
@@ -491,17 +500,22 @@ def load_weights(model: nnx.Module, tensors: dict[str, np.ndarray], *, source, w
         )
 
 
+def component_dir(src_dir: str, component: str, what_to_pass: str) -> str:
+    """The folder of a model's config.json + safetensors: src_dir itself, or a pipeline's component/ inside it.
+    FileNotFoundError naming the missing file and what_to_pass if neither has them."""
+    folder = src_dir
+    if not os.path.exists(os.path.join(src_dir, CONFIG_NAME)) and os.path.isdir(os.path.join(src_dir, component)):
+        folder = os.path.join(src_dir, component)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not os.path.exists(os.path.join(folder, name)):
+            raise FileNotFoundError(f"{os.path.join(folder, name)} not found: {what_to_pass}")
+    return folder
+
+
 def _locate(src_dir: str) -> tuple[str, str | None]:
     """(directory with config.json + weights, scheduler_config.json path or None) for a pipeline or unet dir."""
-    unet_dir = src_dir
-    if not os.path.exists(os.path.join(src_dir, CONFIG_NAME)) and os.path.isdir(os.path.join(src_dir, "unet")):
-        unet_dir = os.path.join(src_dir, "unet")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not os.path.exists(os.path.join(unet_dir, name)):
-            raise FileNotFoundError(
-                f"{os.path.join(unet_dir, name)} not found: pass a diffusers pipeline directory (with unet/) "
-                f"or a UNet2DModel directory saved with safe_serialization=True"
-            )
+    unet_dir = component_dir(src_dir, "unet", "pass a diffusers pipeline directory (with unet/) or a UNet2DModel "
+                             "directory saved with safe_serialization=True")
     candidates = [
         os.path.join(unet_dir, SCHEDULER_NAME),
         os.path.join(src_dir, "scheduler", SCHEDULER_NAME),
@@ -550,3 +564,28 @@ def _read_json(path: str) -> dict[str, Any]:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}); it may be truncated. Download or copy it again.") from None
+
+
+def model_tensors(model: nnx.Module, source: Callable[[tuple], tuple[str, str]]) -> dict[str, np.ndarray]:
+    """A diffax model's parameters as diffusers tensors (torch layouts), through source(path) -> (prefix, kind):
+    the inverse of load_weights."""
+    out: dict[str, np.ndarray] = {}
+    for path, var in nnx.iter_graph(model):
+        if not isinstance(var, nnx.Param):
+            continue
+        prefix, kind = source(tuple(path))
+        value, leaf = np.asarray(var[...], np.float32), path[-1]
+        suffix = "weight" if leaf in ("kernel", "scale") else "bias"
+        if kind == "conv":
+            out[f"{prefix}.{suffix}"] = value.transpose(3, 2, 0, 1) if leaf == "kernel" else value
+        elif kind == "linear":
+            out[f"{prefix}.{suffix}"] = value.T if leaf == "kernel" else value
+        elif kind == "norm":
+            out[f"{prefix}.{suffix}"] = value
+        elif kind == "attn:norm":
+            out[f"{prefix}.group_norm.{suffix}"] = value
+        else:  # attention projections: one [in, 3 out] qkv kernel -> to_q / to_k / to_v, torch's [out, in]
+            names = ("to_q", "to_k", "to_v") if kind == "attn:qkv" else ("to_out.0",)
+            for name, part in zip(names, np.split(value, len(names), axis=-1)):
+                out[f"{prefix}.{name}.{suffix}"] = part.T if suffix == "weight" else part
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}

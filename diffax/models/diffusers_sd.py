@@ -44,11 +44,12 @@ from diffax.models.diffusers import (
     UnsupportedDiffusersConfig,
     _read_json,
     _source,
+    class_options,
     load_diffusers_unet,
     load_weights,
+    model_tensors,
     scheduler_config_to_diffax,
     transformer_source,
-    with_defaults,
 )
 
 log = logging.getLogger(__name__)
@@ -108,10 +109,7 @@ def _one(value: Any, key: str, n: int) -> Any:
 def cond_unet_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, Any]]:
     """A UNet2DConditionModel config.json -> (config.model fields, cross_attention_dim, config.data fields of the
     latents: image_size, channels). Raises UnsupportedDiffusersConfig naming what diffax cannot map."""
-    cls = cfg.get("_class_name", "UNet2DConditionModel")
-    if cls != "UNet2DConditionModel":
-        raise UnsupportedDiffusersConfig(f"diffusers model class {cls!r} is not a UNet2DConditionModel")
-    c = with_defaults(cfg, UNET2D_CONDITION_DEFAULTS, "UNet2DConditionModel")
+    c = class_options(cfg, "UNet2DConditionModel", UNET2D_CONDITION_DEFAULTS, "expected a UNet2DConditionModel")
     for key, only in _ONLY.items():
         value = c[key]
         if isinstance(value, (list, tuple)) and key == "only_cross_attention":
@@ -378,31 +376,6 @@ def load_any(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:
 
 
 # --------------------------------------------------------------------------- export
-
-
-def model_tensors(model: nnx.Module, source) -> dict[str, np.ndarray]:
-    """A diffax model's parameters as diffusers tensors (torch layouts), through source(path) -> (prefix, kind):
-    the inverse of diffax/models/diffusers.py's load_weights."""
-    out: dict[str, np.ndarray] = {}
-    for path, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Param):
-            continue
-        prefix, kind = source(tuple(path))
-        value, leaf = np.asarray(var[...], np.float32), path[-1]
-        suffix = "weight" if leaf in ("kernel", "scale") else "bias"
-        if kind == "conv":
-            out[f"{prefix}.{suffix}"] = value.transpose(3, 2, 0, 1) if leaf == "kernel" else value
-        elif kind == "linear":
-            out[f"{prefix}.{suffix}"] = value.T if leaf == "kernel" else value
-        elif kind == "norm":
-            out[f"{prefix}.{suffix}"] = value
-        elif kind == "attn:norm":
-            out[f"{prefix}.group_norm.{suffix}"] = value
-        else:  # self-attention projections, one [in, 3 out] qkv kernel -> to_q / to_k / to_v
-            names = ("to_q", "to_k", "to_v") if kind == "attn:qkv" else ("to_out.0",)
-            for name, part in zip(names, np.split(value, len(names), axis=-1)):
-                out[f"{prefix}.{name}.{suffix}"] = part.T if suffix == "weight" else part
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
 def _heads_option(m: Any, widths: list[int], levels: list[int], cls: str) -> Any:

@@ -9,17 +9,25 @@ UnsupportedDiffusersConfig naming the key; every tensor must be used.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from typing import Any
 
-import numpy as np
 from flax import nnx
 
 from diffax.models import construct
 from diffax.models.autoencoder import AutoencoderKL, LatentScaling
-from diffax.models.diffusers import CONFIG_NAME, WEIGHTS_NAME, UnsupportedDiffusersConfig, load_weights, with_defaults
+from diffax.models.diffusers import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    class_options,
+    component_dir,
+    load_weights,
+    model_tensors,
+    require,
+)
 
 # AutoencoderKL.__init__ defaults (diffusers 0.2x-0.4x): used for keys an older config.json lacks.
 AUTOENCODER_KL_DEFAULTS: dict[str, Any] = dict(
@@ -51,28 +59,20 @@ def autoencoder_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], L
     sample_size (a tiling hint) and force_upcast (a dtype hint; diffax's VAE runs in float32)
     do not change the network.
     """
-    cls = cfg.get("_class_name", "AutoencoderKL")
-    if cls != "AutoencoderKL":
-        raise UnsupportedDiffusersConfig(
-            f"diffusers autoencoder class {cls!r} is not supported; only AutoencoderKL can be imported"
-        )
-    c = with_defaults(cfg, AUTOENCODER_KL_DEFAULTS, "AutoencoderKL")
-
-    def require(key: str, ok: bool, what: str) -> None:
-        if not ok:
-            raise UnsupportedDiffusersConfig(f"AutoencoderKL option {key}={c[key]!r} is not supported: {what}")
+    c = class_options(cfg, "AutoencoderKL", AUTOENCODER_KL_DEFAULTS, "only AutoencoderKL can be imported")
+    check = functools.partial(require, "AutoencoderKL", c)
 
     boc = [int(b) for b in c["block_out_channels"]]
-    require("act_fn", c["act_fn"] in ("silu", "swish"), "only silu / swish")
-    require("down_block_types", list(c["down_block_types"]) == ["DownEncoderBlock2D"] * len(boc),
+    check("act_fn", c["act_fn"] in ("silu", "swish"), "only silu / swish")
+    check("down_block_types", list(c["down_block_types"]) == ["DownEncoderBlock2D"] * len(boc),
             f"only DownEncoderBlock2D, one per block_out_channels entry ({len(boc)})")  # fmt: skip
-    require("up_block_types", list(c["up_block_types"]) == ["UpDecoderBlock2D"] * len(boc),
+    check("up_block_types", list(c["up_block_types"]) == ["UpDecoderBlock2D"] * len(boc),
             f"only UpDecoderBlock2D, one per block_out_channels entry ({len(boc)})")  # fmt: skip
-    require("layers_per_block", isinstance(c["layers_per_block"], int), "needs one integer count")
-    require("norm_num_groups", all(b % int(c["norm_num_groups"]) == 0 for b in boc), "must divide every width")
-    require("latents_mean", c["latents_mean"] is None, "per-channel latent statistics are not mapped")
-    require("latents_std", c["latents_std"] is None, "per-channel latent statistics are not mapped")
-    require("scaling_factor", float(c["scaling_factor"]) > 0, "must be positive")
+    check("layers_per_block", isinstance(c["layers_per_block"], int), "needs one integer count")
+    check("norm_num_groups", all(b % int(c["norm_num_groups"]) == 0 for b in boc), "must divide every width")
+    check("latents_mean", c["latents_mean"] is None, "per-channel latent statistics are not mapped")
+    check("latents_std", c["latents_std"] is None, "per-channel latent statistics are not mapped")
+    check("scaling_factor", float(c["scaling_factor"]) > 0, "must be positive")
     kwargs = dict(
         in_channels=int(c["in_channels"]),
         out_channels=int(c["out_channels"]),
@@ -122,16 +122,8 @@ def _source(path: tuple) -> tuple[str, str]:
 
 def locate(src_dir: str) -> str:
     """The folder holding the AutoencoderKL's config.json + weights: src_dir itself or a pipeline's vae/."""
-    vae_dir = src_dir
-    if not os.path.exists(os.path.join(src_dir, CONFIG_NAME)) and os.path.isdir(os.path.join(src_dir, "vae")):
-        vae_dir = os.path.join(src_dir, "vae")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not os.path.exists(os.path.join(vae_dir, name)):
-            raise FileNotFoundError(
-                f"{os.path.join(vae_dir, name)} not found: config.autoencoder.path must be a diffusers "
-                "AutoencoderKL folder saved with safe_serialization=True, or a pipeline folder with vae/ inside"
-            )
-    return vae_dir
+    return component_dir(src_dir, "vae", "config.autoencoder.path must be a diffusers AutoencoderKL folder saved "
+                         "with safe_serialization=True, or a pipeline folder with vae/ inside")
 
 
 def weights_sha256(src_dir: str) -> str:
@@ -167,24 +159,7 @@ def save_diffusers_autoencoder(model: AutoencoderKL, kwargs: dict[str, Any], sca
     """
     from safetensors.numpy import save_file
 
-    tensors: dict[str, np.ndarray] = {}
-    for path, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Param):
-            continue
-        prefix, kind = _source(tuple(path))
-        value, leaf = np.asarray(var[...], np.float32), path[-1]
-        suffix = "weight" if leaf in ("kernel", "scale") else "bias"
-        if kind == "conv":
-            tensors[f"{prefix}.{suffix}"] = value.transpose(3, 2, 0, 1) if leaf == "kernel" else value
-        elif kind == "norm":
-            tensors[f"{prefix}.{suffix}"] = value
-        elif kind == "attn:norm":
-            tensors[f"{prefix}.group_norm.{suffix}"] = value
-        else:  # attention projections: [in, out] kernels -> torch [out, in]
-            names = ("to_q", "to_k", "to_v") if kind == "attn:qkv" else ("to_out.0",)
-            for name, part in zip(names, np.split(value, len(names), axis=-1)):
-                tensors[f"{prefix}.{name}.{suffix}"] = part.T if suffix == "weight" else part
     os.makedirs(out_dir, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(out_dir, WEIGHTS_NAME))
+    save_file(model_tensors(model, _source), os.path.join(out_dir, WEIGHTS_NAME))
     with open(os.path.join(out_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(diffax_to_autoencoder_config(kwargs, scaling), f, indent=2)
