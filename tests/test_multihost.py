@@ -13,6 +13,7 @@ each checkpoint; both processes SIGKILLed after the step-4 checkpoint and starte
 it and reproduce the uninterrupted 2-process run; a SIGTERM sent to process 1 only stops both after
 the same step with one checkpoint, and the restart reproduces the uninterrupted run too.
 """
+import json
 import os
 import re
 import signal
@@ -245,3 +246,34 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp, multi):
     for k in sorted(before):  # every log window (k - 2, k] the stop did not cut
         if not k - 2 < step < k:
             assert after[k] == pytest.approx(before[k], rel=1e-6), k
+
+
+@pytest.mark.slow  # two processes start jax and encode the digits: ~20 s idle, more on busy cores
+def test_two_processes_encode_each_their_shards_of_the_cache_one_process_writes(tmp):
+    """`diffax encode-data` as 2 processes x 1 device: process p writes shards p, p + 2, ... (and process 0 the
+    meta), and the cache equals the one a single in-process encode writes."""
+    from diffax.training.encode_data import encode_data
+    from test_latent import SD, image_config
+
+    out = tmp / "cache2"
+    results = launch(tmp, out, 2, 1, "encode", args=[
+        "encode-data", "--config", "configs/digits.py", "--config.data.channels=3",
+        f"--config.autoencoder.path={SD}", "--output", str(out), "--shard_size=512", "--batch_size=128"])
+    check_ok(results)
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".npz"))
+    meta = json.load(open(out / "meta.json"))
+    assert len(shards) == meta["num_shards"] == -(-meta["num_examples"] // 512) >= 3  # work for both processes
+    for i, (_, _, written) in enumerate(results):
+        names = {re.sub(r"^\.tmp-\d+-", "", os.path.basename(w)) for w in written if w.endswith(".npz")}
+        assert names == set(shards[i::2])  # written as .tmp-<process>-<shard>, renamed when complete
+    assert any("meta.json" in w for w in results[0][2])  # written as meta.json.tmp, renamed
+    assert not any("meta.json" in w for w in results[1][2])
+
+    one = tmp / "cache1"
+    encode_data(image_config(), str(one), shard_size=512, batch_size=128, progress=False)
+    assert sorted(f for f in os.listdir(one) if f.endswith(".npz")) == shards
+    for name in shards:
+        a, b = np.load(out / name), np.load(one / name)
+        np.testing.assert_array_equal(a["label"], b["label"])
+        for key in ("mean", "std"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
