@@ -71,16 +71,25 @@ class LPIPS(nnx.Module):
         if min(x.shape[1:3]) < MIN_SIZE:
             raise ValueError(f"LPIPS needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels (VGG16 halves them "
                              f"4 times before relu5_3), got {x.shape[1]}x{x.shape[2]}")
-        n = x.shape[0]
-        both = jnp.concatenate([x, y]).astype(jnp.float32)
-        both = jnp.broadcast_to(both, both.shape[:3] + (3,))  # grey -> RGB
-        both = (both - jnp.asarray(SHIFT)) / jnp.asarray(SCALE)
-        total = jnp.zeros((n,), jnp.float32)
-        for f, w in zip(self.features(both), self.lins):
-            f = f / (jnp.sqrt(jnp.sum(jnp.square(f), axis=-1, keepdims=True)) + EPS)
-            diff = jnp.square(f[:n] - f[n:])
+        # x and y go through the network separately (as in lpips), so d(x, x) is exactly 0: in one
+        # concatenated batch XLA may round the two halves differently.
+        fx, fy = (self.features(self.scale(v)) for v in (x, y))
+        total = jnp.zeros((x.shape[0],), jnp.float32)
+        for a, b, w in zip(fx, fy, self.lins):
+            diff = jnp.square(unit_normalise(a) - unit_normalise(b))
             total = total + jnp.mean(diff @ w[...], axis=(1, 2))
         return total
+
+    @staticmethod
+    def scale(x: jax.Array) -> jax.Array:
+        """Images in [-1, 1] (grey repeated to RGB) shifted and scaled per channel (lpips' ScalingLayer)."""
+        x = jnp.broadcast_to(x.astype(jnp.float32), x.shape[:3] + (3,))
+        return (x - jnp.asarray(SHIFT)) / jnp.asarray(SCALE)
+
+
+def unit_normalise(f: jax.Array) -> jax.Array:
+    """f / (||f|| + eps) over channels (lpips' normalize_tensor)."""
+    return f / (jnp.sqrt(jnp.sum(jnp.square(f), axis=-1, keepdims=True)) + EPS)
 
 
 def read_weights(path: str, what: str) -> dict[str, np.ndarray]:
