@@ -202,13 +202,13 @@ def make_value_and_grad(task: AutoencoderTraining, config: Any) -> Callable:
     disc_start = int(a.disc_start)
     perceptual, p_weight = perceptual_network(config), float(a.perceptual_weight)
 
-    def nll(x: jax.Array, recon: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """Per-example rec (LDM's nll with log-variance 0) and LPIPS: the LPIPS term joins every pixel's error."""
+    def rec_loss(x: jax.Array, recon: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """Batch mean of rec (LDM's nll, log-variance 0), and of LPIPS: LDM adds LPIPS to every pixel's error."""
         rec = reconstruction_loss(x, recon, kind)
         if perceptual is None:
-            return rec, None
+            return jnp.mean(rec), None
         p = perceptual(x, recon)
-        return rec + p_weight * np.prod(x.shape[1:]) * p, p
+        return jnp.mean(rec + p_weight * np.prod(x.shape[1:]) * p), jnp.mean(p)
 
     def value_and_grad(params: Any, batch: dict, key: jax.Array, step: jax.Array):
         x = batch["image"]
@@ -227,13 +227,16 @@ def make_value_and_grad(task: AutoencoderTraining, config: Any) -> Callable:
                 return layers.conv2d(h, kernel, padding=last.padding) + last.bias[...]
 
             recon = out(last.kernel[...], feats)
-            rec, p_loss = nll(x, recon)
-            rec = jnp.mean(rec)
+            # rec and d rec / d x_hat once (one LPIPS forward and backward a step): rec_term has rec's
+            # value and passes that gradient on to the decoder; the adaptive weight pulls it back to G_L.
+            fixed = jax.lax.stop_gradient(recon)
+            (rec, p_loss), rec_at_recon = jax.value_and_grad(lambda r: rec_loss(x, r), has_aux=True)(fixed)
+            rec_term = rec + jnp.sum(rec_at_recon * (recon - fixed))
             kl = jnp.mean(kl_to_standard_normal(mean, logvar))
-            loss = rec + kl_weight * kl
+            loss = rec_term + kl_weight * kl
             aux = {"rec_loss": rec, "kl": kl, "rec_mse": jnp.mean(jnp.square(x - recon))}
             if p_loss is not None:
-                aux["p_loss"] = jnp.mean(p_loss)
+                aux["p_loss"] = p_loss
             if task.disc_graphdef is None:
                 return loss, (aux, recon)
             disc = task.discriminator(params)
@@ -241,7 +244,7 @@ def make_value_and_grad(task: AutoencoderTraining, config: Any) -> Callable:
             # lambda from gradients at the last layer only: the features before it are held fixed.
             h = jax.lax.stop_gradient(feats)
             k = jax.lax.stop_gradient(last.kernel[...])
-            rec_grad = jax.grad(lambda k: jnp.mean(nll(x, out(k, h))[0]))(k)
+            rec_grad = jax.vjp(lambda k: out(k, h), k)[1](rec_at_recon)[0]
             gan_grad = jax.grad(lambda k: -jnp.mean(disc(out(k, h))))(k)
             weight = adaptive_weight(rec_grad, gan_grad) * disc_weight
             aux.update(g_loss=g_loss, d_weight=weight)
