@@ -19,6 +19,9 @@ Nothing downloads.
 from __future__ import annotations
 
 import os
+import pickle
+import struct
+import zipfile
 from typing import Sequence
 
 import jax
@@ -104,7 +107,8 @@ def read_weights(path: str, what: str) -> dict[str, np.ndarray]:
 
     try:
         return torch_archive.read_tensors(path)
-    except Exception as error:  # a truncated download, an HTML page saved as .pth, ...
+    except (ValueError, KeyError, EOFError, pickle.UnpicklingError, struct.error, zipfile.BadZipFile) as error:
+        # a truncated download, an HTML page saved as .pth, a file of another kind
         raise UserError(f"{what}: {path} is not a readable PyTorch state dict ({error}).") from error
 
 
