@@ -103,6 +103,9 @@ def get_config() -> ml_collections.ConfigDict:
     a.disc_start = 0  # step from which the discriminator trains and its loss counts
     a.disc_channels = 32  # PatchGAN base width
     a.disc_layers = 2  # PatchGAN stride-2 layers (3 in taming; fewer for tiny images)
+    a.perceptual_weight = 0.0  # LPIPS weight (LDM: 1.0); > 0 needs both files below; images >= 16x16, 1 or 3 channels
+    a.lpips_vgg = ""  # torchvision's VGG16 state dict, vgg16-397923af.pth (or .safetensors with its keys)
+    a.lpips_lin = ""  # lpips' v0.1 lin layers, lpips/weights/v0.1/vgg.pth of the lpips package (or .safetensors)
 
     # Diffusion math (diffax/schedules.py, parameterization.py, objectives.py)
     c.diffusion = df = ml_collections.ConfigDict()

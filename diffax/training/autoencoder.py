@@ -1,18 +1,21 @@
 """Train a KL-regularised autoencoder (Rombach et al. 2022) with diffax's trainer: `config.training.task="autoencoder"`.
 
 The objective is LDM's `LPIPSWithDiscriminator` (taming-transformers / latent-diffusion,
-ldm/modules/losses/contperceptual.py) without the perceptual term and with its learned
-output log-variance fixed at 0:
+ldm/modules/losses/contperceptual.py) with its learned output log-variance fixed at 0:
 
   L_G = rec + kl_weight * KL + disc_factor * lambda * disc_weight * (-mean D(x_hat))
   L_D = disc_factor * 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat)))     (hinge)
 
-rec is the L1 (or L2) error summed over pixels, KL the KL divergence of the posterior to
-N(0, I) summed over latent elements, both averaged over the batch; disc_factor is 0 before
-config.autoencoder.disc_start; lambda is the adaptive weight of Esser et al. 2021 (VQGAN,
-eq. 7): ||grad_{G_L} rec|| / (||grad_{G_L} L_GAN|| + 1e-4), clipped to [0, 1e4] and not
-differentiated, G_L the decoder's last layer. The perceptual (LPIPS) term is not
-implemented: its VGG weights cannot be downloaded here.
+rec is the per-pixel error |x - x_hat| (or its square) plus perceptual_weight * LPIPS(x, x_hat)
+(Zhang et al. 2018; diffax/models/lpips.py) added at every pixel as LDM adds it, summed over
+pixels: sum |x - x_hat| + perceptual_weight * (H * W * C) * LPIPS per example. KL is the KL
+divergence of the posterior to N(0, I) summed over latent elements; both are averaged over the
+batch. disc_factor is 0 before config.autoencoder.disc_start; lambda is the adaptive weight of
+Esser et al. 2021 (VQGAN, eq. 7): ||grad_{G_L} rec|| / (||grad_{G_L} L_GAN|| + 1e-4), clipped to
+[0, 1e4] and not differentiated, G_L the decoder's last layer, rec including the perceptual term.
+The perceptual term is there only when config.autoencoder.perceptual_weight > 0, from the VGG16
+and lin weight files the user gives (lpips_vgg, lpips_lin; nothing downloads); the LPIPS network
+is frozen: a constant of the step, in no optimizer, checkpoint or EMA.
 
 Both networks live in one TrainState: params = {"net": autoencoder, "disc": discriminator}
 and the gradient tree holds dL_G/d net and dL_D/d disc, so one Adam updates each network
@@ -33,8 +36,10 @@ import numpy as np
 from flax import nnx
 
 from diffax import data
+from diffax.errors import UserError
 from diffax.models import construct, layers
 from diffax.models.autoencoder import AutoencoderKL, LatentScaling, kl_to_standard_normal, sample_posterior
+from diffax.models.lpips import LPIPS, MIN_SIZE, load_lpips
 from diffax.visualize import image_grid, save_png, to_uint8
 
 EXPORT_DIR = "autoencoder"  # <workdir>/autoencoder: the diffusers folder a latent run points config.autoencoder.path at
@@ -100,6 +105,32 @@ def reconstruction_loss(x: jax.Array, recon: jax.Array, kind: str) -> jax.Array:
         raise ValueError(f"config.autoencoder.recon_loss={kind!r}: use one of {', '.join(RECON_LOSSES)}.")
     err = jnp.abs(x - recon) if kind == "l1" else jnp.square(x - recon)
     return jnp.sum(err.reshape(err.shape[0], -1), axis=-1)
+
+
+def perceptual_network(config: Any) -> LPIPS | None:
+    """The frozen LPIPS of config.autoencoder.lpips_vgg / lpips_lin when perceptual_weight > 0, else None."""
+    a = config.autoencoder
+    weight = float(a.perceptual_weight)
+    if weight < 0:
+        raise UserError(f"config.autoencoder.perceptual_weight={weight}: use a weight >= 0 (LDM: 1.0; 0 = none).")
+    if weight == 0:
+        return None
+    missing = [f"config.autoencoder.{f}" for f in ("lpips_vgg", "lpips_lin") if not str(a[f])]
+    if missing:
+        raise UserError(
+            f"config.autoencoder.perceptual_weight={weight} needs the LPIPS weights, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} empty: set lpips_vgg to torchvision's vgg16-397923af.pth and "
+            "lpips_lin to the lpips package's weights/v0.1/vgg.pth (nothing downloads), or set perceptual_weight=0."
+        )
+    height, width, channels = data.data_shape(config)
+    if channels not in (1, 3):
+        raise UserError(f"config.data.channels={channels}: the perceptual (LPIPS) term compares RGB or grey "
+                        "images; set config.autoencoder.perceptual_weight=0 for other data.")
+    if min(height, width) < MIN_SIZE:
+        raise UserError(f"config.data.image_size={config.data.image_size}: the perceptual (LPIPS) term needs "
+                        f"images of at least {MIN_SIZE}x{MIN_SIZE}; set config.autoencoder.perceptual_weight=0.")
+    return load_lpips(str(a.lpips_vgg), str(a.lpips_lin), vgg_what="config.autoencoder.lpips_vgg",
+                      lin_what="config.autoencoder.lpips_lin")
 
 
 def autoencoder_kwargs(config: Any) -> dict[str, Any]:
@@ -169,6 +200,15 @@ def make_value_and_grad(task: AutoencoderTraining, config: Any) -> Callable:
     kind, kl_weight, disc_weight = str(a.recon_loss), float(a.kl_weight), float(a.disc_weight)
     reconstruction_loss(jnp.zeros((1, 1)), jnp.zeros((1, 1)), kind)  # an unknown name fails here, not in the jit
     disc_start = int(a.disc_start)
+    perceptual, p_weight = perceptual_network(config), float(a.perceptual_weight)
+
+    def rec_loss(x: jax.Array, recon: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """Batch mean of rec (LDM's nll, log-variance 0), and of LPIPS: LDM adds LPIPS to every pixel's error."""
+        rec = reconstruction_loss(x, recon, kind)
+        if perceptual is None:
+            return jnp.mean(rec), None
+        p = perceptual(x, recon)
+        return jnp.mean(rec + p_weight * np.prod(x.shape[1:]) * p), jnp.mean(p)
 
     def value_and_grad(params: Any, batch: dict, key: jax.Array, step: jax.Array):
         x = batch["image"]
@@ -187,10 +227,16 @@ def make_value_and_grad(task: AutoencoderTraining, config: Any) -> Callable:
                 return layers.conv2d(h, kernel, padding=last.padding) + last.bias[...]
 
             recon = out(last.kernel[...], feats)
-            rec = jnp.mean(reconstruction_loss(x, recon, kind))
+            # rec and d rec / d x_hat once (one LPIPS forward and backward a step): rec_term has rec's
+            # value and passes that gradient on to the decoder; the adaptive weight pulls it back to G_L.
+            fixed = jax.lax.stop_gradient(recon)
+            (rec, p_loss), rec_at_recon = jax.value_and_grad(lambda r: rec_loss(x, r), has_aux=True)(fixed)
+            rec_term = rec + jnp.sum(rec_at_recon * (recon - fixed))
             kl = jnp.mean(kl_to_standard_normal(mean, logvar))
-            loss = rec + kl_weight * kl
+            loss = rec_term + kl_weight * kl
             aux = {"rec_loss": rec, "kl": kl, "rec_mse": jnp.mean(jnp.square(x - recon))}
+            if p_loss is not None:
+                aux["p_loss"] = p_loss
             if task.disc_graphdef is None:
                 return loss, (aux, recon)
             disc = task.discriminator(params)
@@ -198,7 +244,7 @@ def make_value_and_grad(task: AutoencoderTraining, config: Any) -> Callable:
             # lambda from gradients at the last layer only: the features before it are held fixed.
             h = jax.lax.stop_gradient(feats)
             k = jax.lax.stop_gradient(last.kernel[...])
-            rec_grad = jax.grad(lambda k: jnp.mean(reconstruction_loss(x, out(k, h), kind)))(k)
+            rec_grad = jax.vjp(lambda k: out(k, h), k)[1](rec_at_recon)[0]
             gan_grad = jax.grad(lambda k: -jnp.mean(disc(out(k, h))))(k)
             weight = adaptive_weight(rec_grad, gan_grad) * disc_weight
             aux.update(g_loss=g_loss, d_weight=weight)
