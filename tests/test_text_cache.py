@@ -153,6 +153,13 @@ def test_cache_refusals(cache, tmp_path):
     assert not os.path.exists(tmp_path / "run")
     with pytest.raises(UserError, match="another encoder or dtype"):  # adding other embeddings to a cache
         encode_data(config_for("digits", CLIP_OTHER), cache, shard_size=128, progress=False, text_embeddings="float32")
+    run = str(tmp_path / "resumed")  # a run's state holds the encoder or not for good: no switching on resume
+    with pytest.raises(UserError, match="trained with the text encoder in its train state"):
+        text_lib.record_cached_embeddings(run, config_for(f"latents:{cache}"), cache, has_checkpoints=True)
+    text_lib.record_cached_embeddings(run, config_for(f"latents:{cache}"), cache, has_checkpoints=False)
+    assert text_lib.trained_on_cached_embeddings(run)
+    with pytest.raises(UserError, match="trained on the text embeddings of a cache"):
+        text_lib.record_cached_embeddings(run, config_for("latents:other"), "", has_checkpoints=True)
     with pytest.raises(UserError, match="holds no text embeddings"):
         data.make_iterator(config_for(f"latents:{without_embeddings(cache, str(tmp_path / 'p'))}"), process_index=0,
                            process_count=1, text_embeddings=True)
@@ -173,6 +180,10 @@ def test_a_cached_run_trains_and_samples_with_its_encoder(cache, tmp_path):
     assert os.path.exists(os.path.join(workdir, "samples", "step_00000002.png"))
     run = inference.load(workdir)
     assert "text" in run.params and run.diffusion.frozen_text is not None
+    plain = config_for(f"latents:{without_embeddings(cache, str(tmp_path / 'plain'))}")
+    plain.training.update(dict(num_steps=4, log_every=2, checkpoint_every=2, sample_every=0, progress_bar=False))
+    with pytest.raises(UserError, match="trained on the text embeddings of a cache"):
+        trainer.train(plain, workdir, force=True)
     tokens = run.prompt_tokens(["the digit three", "number 7"])
     images = run.draw(2, seed=0, labels=tokens, progress=False)["images"]
     assert images.shape == (2, 8, 8, 3)

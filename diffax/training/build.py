@@ -108,11 +108,12 @@ def num_classes(config: Any) -> int:
     return int(config.data.num_classes) if config.data.conditional else 0
 
 
-def build(config: Any, seed: int | None = None) -> Diffusion:
+def build(config: Any, seed: int | None = None, *, cached_text: bool | None = None) -> Diffusion:
     """Initialise the network (and learned schedule) of `config` with `seed` (default config.seed).
 
-    A text run on a latent cache with stored embeddings of its (frozen) encoder
-    (`text.cached_embeddings`) keeps the encoder's weights out of params, in `frozen_text`.
+    A text run on a latent cache with stored embeddings of its (frozen) encoder keeps the encoder's
+    weights out of params, in `frozen_text`: `cached_text`, or when None whether config's data are such a
+    cache (`text.cached_embeddings`; a trained run's workdir says, `text.trained_on_cached_embeddings`).
     """
     seed = config.seed if seed is None else seed
     shape = tuple(latent.model_data_shape(config))  # latents when an autoencoder encodes images on the fly
@@ -124,12 +125,12 @@ def build(config: Any, seed: int | None = None) -> Diffusion:
     net_graphdef, net_params, net_rest = nnx.split(net, nnx.Param, ...)
     text_params = text.pop("params", {})
     frozen_text = None
-    if text and text_lib.cached_embeddings(config):  # the data bring the embeddings: the train step needs no encoder
+    cache = text_lib.cached_embeddings(config) if text else ""
+    if text and (cached_text if cached_text is not None else bool(cache)):  # the data bring the embeddings
         frozen_text = jax.tree.map(np.asarray, text_params)  # kept on the host, for sampling only
         from diffax.data.latents import read_null_embedding
 
-        text = {**text, "frozen_text": frozen_text,
-                "null_embedding": read_null_embedding(text_lib.cached_embeddings(config))}
+        text = {**text, "frozen_text": frozen_text, "null_embedding": read_null_embedding(cache) if cache else None}
 
     image_size = shape[0] if len(shape) == 3 else None
     schedule = schedules.get_schedule(config.diffusion, image_size=image_size, seed=seed)

@@ -152,7 +152,9 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True, config: An
         config = configuration.load(os.path.join(workdir, "config.json"))
     latent.check_autoencoder(workdir, config)
     mesh = parallel.make_mesh(config.mesh)
-    diffusion = build(config)
+    from diffax.training import text as text_lib
+
+    diffusion = build(config, cached_text=text_lib.trained_on_cached_embeddings(workdir))
     _, abstract, shardings = state_layout(diffusion, config, mesh)
     tokenizer, null = text_tokenizer(config, workdir, diffusion)
     param_shardings = sampling_shardings(diffusion, shardings.ema, mesh)

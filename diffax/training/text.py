@@ -51,6 +51,37 @@ def cached_embeddings(config: Any) -> str:
     return cache_dir
 
 
+RECORD_NAME = "text_embeddings.json"
+
+
+def trained_on_cached_embeddings(workdir: str) -> bool:
+    """Did the run in `workdir` train on a cache's text embeddings (its state holds no encoder)? Its
+    <workdir>/text_embeddings.json says so, whatever the cache holds now."""
+    return os.path.exists(os.path.join(workdir, RECORD_NAME))
+
+
+def record_cached_embeddings(workdir: str, config: Any, cache: str, has_checkpoints: bool) -> None:
+    """A run's train state holds the frozen encoder or not, for good: refuse to resume it the other way (a
+    cache that gained or lost its embeddings), and record a run on cached embeddings in its workdir."""
+    import json
+
+    import jax
+
+    recorded = trained_on_cached_embeddings(workdir)
+    if has_checkpoints and recorded != bool(cache):
+        before, now = ("on the text embeddings of a cache", "encodes its captions") if recorded else (
+            "with the text encoder in its train state", f"would read the text embeddings stored in {cache}")
+        raise UserError(f"The run in {workdir} was trained {before}, and this config {now} "
+                        f"(config.data.name={config.data.name!r}): its checkpoints do not fit. Resume it with the "
+                        "data it was trained on, or train in a new --workdir.")
+    if not cache and recorded and not has_checkpoints and jax.process_index() == 0:  # a start that saved nothing
+        os.remove(os.path.join(workdir, RECORD_NAME))
+    if cache and not recorded and jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, RECORD_NAME), "w", encoding="utf-8") as f:
+            json.dump({"cache": os.path.abspath(cache), "encoder": str(config.text.encoder)}, f, indent=2)
+
+
 def _sha256(paths: Sequence[str]) -> str:
     import hashlib
 

@@ -178,6 +178,7 @@ def _set_up(config: Any, workdir: str) -> _Run:
 
             check_text_encoder(cache, text_lib.encoder_identity(config))
             logging.info("Training on the text embeddings stored in %s: no text encoder in the train step.", cache)
+        text_lib.record_cached_embeddings(workdir, config, cache, bool(checkpoint.all_steps(workdir)))
         elif config.text.encoder == "small":  # its vocabulary comes from the captions
             tokenizer_for = text_lib.small_tokenizer_for_training(config, workdir)
         else:  # a pretrained encoder brings its tokenizer
