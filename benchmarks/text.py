@@ -122,15 +122,18 @@ def sampling_speedup(config, *, batch: int, repeats: int) -> dict:
         compiler_options=compilation.compiler_options(config))  # as make_sample_fn
     result = {"config_sampler": str(config.sampling.sampler), "steps": int(config.sampling.steps),
               "guidance_scale": float(config.sampling.guidance_scale), "batch": batch}
-    for name, fn in (("once", once), ("every_step", every)):
-        jax.block_until_ready(fn(params, noise, key, tokens))
-        times = []
-        for _ in range(repeats):
+    fns = {"once": once, "every_step": every}
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():
+        jax.block_until_ready(fn(params, noise, key, tokens))  # compile
+        result[f"{name}_flops"] = matmul_flops(fn, params, noise, key, tokens)
+    for _ in range(repeats):  # interleaved, so a change in the machine's load hits both alike
+        for name, fn in fns.items():
             start = time.perf_counter()
             jax.block_until_ready(fn(params, noise, key, tokens))
-            times.append(time.perf_counter() - start)
-        result[f"{name}_s"] = median(times)
-        result[f"{name}_flops"] = matmul_flops(fn, params, noise, key, tokens)
+            times[name].append(time.perf_counter() - start)
+    for name in fns:
+        result[f"{name}_s"] = median(times[name])
     result["speedup"] = result["every_step_s"] / result["once_s"]
     result["flops_ratio"] = result["every_step_flops"] / result["once_flops"]
     return result
@@ -150,7 +153,7 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--sampling", default="", metavar="CONFIG",
                    help="instead: a text config's sampling speed-up from encoding prompts once")
     p.add_argument("--output", default="")
-    args = p.parse_args(argv)
+    args, overrides = p.parse_known_args(argv)  # --config.a.b=value overrides of --sampling's config
     defaults = dict(clip="tiny", t5="tiny", batch=8, repeats=3, dtype="float32") if args.quick else dict(
         clip="L", t5="base", batch=64, repeats=10, dtype="bfloat16")
     for name, value in defaults.items():  # explicit flags win over --quick
@@ -158,11 +161,17 @@ def main(argv: list[str]) -> dict:
             setattr(args, name, value)
     rng = np.random.default_rng(0)
     result = {"environment": environment(sys.argv), "batch": args.batch, "length": args.length, "dtype": args.dtype}
+    if overrides and not args.sampling:
+        p.error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.sampling:
         from benchmarks.run import load_config
 
-        result = {"environment": result["environment"],
-                  "sampling": sampling_speedup(load_config(args.sampling), batch=args.batch, repeats=args.repeats)}
+        from benchmarks.run import apply_overrides
+
+        config = load_config(args.sampling)
+        applied = apply_overrides(config, overrides)
+        result = {"environment": result["environment"], "overrides": applied,
+                  "sampling": sampling_speedup(config, batch=args.batch, repeats=args.repeats)}
         args.layout, args.folder = "", ""
     for layout in [x.strip() for x in args.layout.split(",") if x.strip()]:
         if layout not in ("clip", "t5"):

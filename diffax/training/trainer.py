@@ -178,12 +178,12 @@ def _set_up(config: Any, workdir: str) -> _Run:
 
             check_text_encoder(cache, text_lib.encoder_identity(config))
             logging.info("Training on the text embeddings stored in %s: no text encoder in the train step.", cache)
-        text_lib.record_cached_embeddings(workdir, config, cache, bool(checkpoint.all_steps(workdir)))
         elif config.text.encoder == "small":  # its vocabulary comes from the captions
             tokenizer_for = text_lib.small_tokenizer_for_training(config, workdir)
         else:  # a pretrained encoder brings its tokenizer
             diffusion = build(config)
             tokenizer_for = lambda source: diffusion.tokenizer  # noqa: E731
+        text_lib.record_cached_embeddings(workdir, config, cache, bool(checkpoint.all_steps(workdir)))
     iterator = data.make_iterator(config, sharding=batch_sharding, tokenizer_for=tokenizer_for,
                                   text_embeddings=bool(cache))  # opening the data is quick
     if diffusion is None:
