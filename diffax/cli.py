@@ -274,7 +274,8 @@ def _encode_data(fv: flags.FlagValues, args: list[str]) -> None:
     meta = encode_data(config, fv.output, shard_size=fv.shard_size, batch_size=fv.batch_size,
                        text_embeddings=fv.text_embeddings)
     print(f"encoded {meta['num_examples']} images of {config.data.name} into {fv.output} "
-          f"({meta['num_shards']} shards, latents {tuple(meta['latent_shape'])}); "
+          f"({meta['num_shards']} shards, latents {tuple(meta['latent_shape'])}"
+          + (f", {fv.text_embeddings} text embeddings of {config.text.encoder}" if fv.text_embeddings else "") + "); "
           f"train on them with --config.data.name=latents:{fv.output}")
 
 
