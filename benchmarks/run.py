@@ -170,11 +170,22 @@ def sampler_figures(bench: Bench, options: Options) -> dict[str, Any]:
     chains: dict[int, Any] = {}
     net_args = (params, z_in, c_noise, labels)
     guided = float(config.sampling.guidance_scale) != 1.0 and labels is not None
+    if d.null_tokens is not None:  # the sampler encodes the prompts once, before its loop: the reference gets embeddings
+        def condition(p, y):
+            cond = d.encode_text(p, y)
+            if not guided:
+                return cond
+            null = jax.tree.map(lambda x: x[0], d.encode_text(p, jnp.asarray(d.null_tokens, jnp.int32)[None]))
+            return jax.tree.map(lambda u, n: jnp.concatenate([u, jnp.broadcast_to(n, u.shape)]), cond, null)
+
+        text_labels = jax.jit(condition, out_shardings=bench.batch_sharding)(d.sampling_params(params), labels)
     if guided:  # the sampler evaluates the conditional and the null halves as one batch of 2B: so does the reference
         null = jnp.broadcast_to(jnp.asarray(d.null_label, jnp.int32), labels.shape)
         net_args = (params, *jax.jit(lambda z, c, y: (jnp.concatenate([z, z]), jnp.concatenate([c, c]),
                                                       jnp.concatenate([y, null])),
                                      out_shardings=bench.batch_sharding)(z_in, c_noise, labels))
+    if d.null_tokens is not None:
+        net_args = (*net_args[:3], text_labels)
 
     def net_chain(n: int):
         """`n` network evaluations in one program, each fed the last one's output and a noise level

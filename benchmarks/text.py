@@ -1,5 +1,6 @@
 """Text-encoder benchmark: `python -m benchmarks.text [--quick] [--layout clip,t5] [--clip L] [--t5 base]
-[--batch 64] [--length 77] [--dtype bfloat16] [--folder DIR] [--output R.json]`.
+[--batch 64] [--length 77] [--dtype bfloat16] [--folder DIR] [--output R.json]`;
+`python -m benchmarks.text --sampling configs/digits_text.py [--batch 64] [--repeats 3]`.
 
 Measures, on whatever devices JAX finds, the encoders of diffax.models.text.pretrained with random
 weights at the sizes of the released models (no download):
@@ -11,6 +12,13 @@ weights at the sizes of the released models (no download):
                     achieved fraction of the device's dense bf16 peak (None where unknown, e.g. CPU)
   tokenize_per_s    with --folder: the folder's tokenizer on `batch` prompts (host side), and the
                     folder's own encoder measured beside the random-weight ones
+
+--sampling CONFIG (e.g. configs/digits_text.py): the text model of CONFIG (random weights) sampled with
+its config.sampling (sampler, steps, guidance) on `batch` prompts, the encoder run once per batch (as
+diffax samples) and in every network evaluation (the sampler fed tokens, as diffax did before):
+
+  speedup           seconds per batch encoding at every step / encoding once (median of repeats)
+  flops_ratio       the same ratio of the two programs' matrix-product FLOPs (machine-independent)
 
 CLIP sizes (text tower): L (ViT-L/14, SD 1.x: 768 wide, 12 blocks), H (OpenCLIP ViT-H/14, SD 2.x:
 1024, 23 blocks as diffusers ships it), bigG (OpenCLIP ViT-bigG/14, SDXL's second encoder: 1280,
@@ -87,6 +95,50 @@ def measure(encoder: nnx.Module, ids: np.ndarray, mask: np.ndarray, repeats: int
             "mfu": None if peak is None else flops / seconds / (peak * jax.device_count())}
 
 
+def sampling_speedup(config, *, batch: int, repeats: int) -> dict:
+    """`--sampling`: the text model of `config` sampled with its encoder run once vs at every step (see above)."""
+    from diffax import compilation, parallel, samplers
+    from diffax.training import text
+    from diffax.training.build import build
+    from diffax.training.inference import make_sample_fn
+    from diffax.training.step import state_layout
+
+    d = build(config)
+    if d.null_tokens is None:
+        raise SystemExit("--sampling: the config is not a text model (config.text.encoder is empty)")
+    mesh = parallel.make_mesh(config.mesh)
+    _, _, shardings = state_layout(d, config, mesh)
+    tok = d.tokenizer
+    if tok is None:  # the small encoder: a word tokenizer over the config's own preview prompts
+        from diffax.models.text.small import WordTokenizer
+
+        tok = WordTokenizer.build(text.preview_prompts(config), int(config.text.vocab_size), int(config.text.max_length))
+    tokens = jax.device_put(text.tokens_of(tok, text.preview_prompts(config) * batch)[:batch])
+    noise = jax.random.normal(jax.random.key(0), (batch, *d.data_shape))
+    key, params = jax.random.key(1), d.sampling_params(d.params)
+    once = make_sample_fn(d, config, mesh, shardings.ema)
+    every = jax.jit(lambda p, z, k, y: samplers.make_sampler(config)(
+        d.schedule(p), d.parameterization, d.apply_fn(p), z, k, y, null_label=d.null_tokens),
+        compiler_options=compilation.compiler_options(config))  # as make_sample_fn
+    result = {"config_sampler": str(config.sampling.sampler), "steps": int(config.sampling.steps),
+              "guidance_scale": float(config.sampling.guidance_scale), "batch": batch}
+    fns = {"once": once, "every_step": every}
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():
+        jax.block_until_ready(fn(params, noise, key, tokens))  # compile
+        result[f"{name}_flops"] = matmul_flops(fn, params, noise, key, tokens)
+    for _ in range(repeats):  # interleaved, so a change in the machine's load hits both alike
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(params, noise, key, tokens))
+            times[name].append(time.perf_counter() - start)
+    for name in fns:
+        result[f"{name}_s"] = median(times[name])
+    result["speedup"] = result["every_step_s"] / result["once_s"]
+    result["flops_ratio"] = result["every_step_flops"] / result["once_flops"]
+    return result
+
+
 def main(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, batch 8, 3 repeats: a CPU smoke run")
@@ -98,8 +150,10 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="activations; default bfloat16 (--quick: float32)")
     p.add_argument("--repeats", type=int, help="default 10 (--quick: 3)")
     p.add_argument("--folder", default="", help="also a transformers folder's own encoder and tokenizer")
+    p.add_argument("--sampling", default="", metavar="CONFIG",
+                   help="instead: a text config's sampling speed-up from encoding prompts once")
     p.add_argument("--output", default="")
-    args = p.parse_args(argv)
+    args, overrides = p.parse_known_args(argv)  # --config.a.b=value overrides of --sampling's config
     defaults = dict(clip="tiny", t5="tiny", batch=8, repeats=3, dtype="float32") if args.quick else dict(
         clip="L", t5="base", batch=64, repeats=10, dtype="bfloat16")
     for name, value in defaults.items():  # explicit flags win over --quick
@@ -107,6 +161,18 @@ def main(argv: list[str]) -> dict:
             setattr(args, name, value)
     rng = np.random.default_rng(0)
     result = {"environment": environment(sys.argv), "batch": args.batch, "length": args.length, "dtype": args.dtype}
+    if overrides and not args.sampling:
+        p.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if args.sampling:
+        from benchmarks.run import load_config
+
+        from benchmarks.run import apply_overrides
+
+        config = load_config(args.sampling)
+        applied = apply_overrides(config, overrides)
+        result = {"environment": result["environment"], "overrides": applied,
+                  "sampling": sampling_speedup(config, batch=args.batch, repeats=args.repeats)}
+        args.layout, args.folder = "", ""
     for layout in [x.strip() for x in args.layout.split(",") if x.strip()]:
         if layout not in ("clip", "t5"):
             raise SystemExit(f"--layout: unknown {layout!r}; valid: clip, t5")

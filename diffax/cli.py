@@ -260,6 +260,9 @@ def _define_encode(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("output", None, "The latent cache folder (resumed if it holds a partial cache).", flag_values=fv)
     flags.DEFINE_integer("shard_size", 4096, "Examples per shard file.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 256, "Images encoded per step (split over this process's devices).", flag_values=fv)
+    flags.DEFINE_string("text_embeddings", "", "float16 | float32: also store each caption's embedding by the frozen "
+                        "config.text.encoder, so a text run on the cache trains without the encoder (float16: half "
+                        "the disk; float32: exactly the encoder's output). Empty: captions only.", flag_values=fv)
 
 
 def _encode_data(fv: flags.FlagValues, args: list[str]) -> None:
@@ -268,9 +271,11 @@ def _encode_data(fv: flags.FlagValues, args: list[str]) -> None:
     if fv.config is None and fv.workdir is None:
         raise errors.UserError("encode-data needs --config (a config file) or --workdir (a run's config.json).")
     config = _config_or_workdirs(fv)
-    meta = encode_data(config, fv.output, shard_size=fv.shard_size, batch_size=fv.batch_size)
+    meta = encode_data(config, fv.output, shard_size=fv.shard_size, batch_size=fv.batch_size,
+                       text_embeddings=fv.text_embeddings)
     print(f"encoded {meta['num_examples']} images of {config.data.name} into {fv.output} "
-          f"({meta['num_shards']} shards, latents {tuple(meta['latent_shape'])}); "
+          f"({meta['num_shards']} shards, latents {tuple(meta['latent_shape'])}"
+          + (f", {fv.text_embeddings} text embeddings of {config.text.encoder}" if fv.text_embeddings else "") + "); "
           f"train on them with --config.data.name=latents:{fv.output}")
 
 

@@ -81,7 +81,7 @@ class DataIterator:
     """
 
     def __init__(self, config, source: sources.Source, *, sharding, process_index: int, process_count: int,
-                 tokenizer: Callable | None = None):
+                 tokenizer: Callable | None = None, text_embeddings: bool = False):
         self.source = source
         self.sharding = sharding
         self.process_index = process_index
@@ -97,7 +97,8 @@ class DataIterator:
             "shuffle": bool(config.data.shuffle),
         }
         self._batches = pipeline.make_batches(
-            config, source, process_index=process_index, process_count=process_count, tokenizer=tokenizer
+            config, source, process_index=process_index, process_count=process_count, tokenizer=tokenizer,
+            text_embeddings=text_embeddings,
         )
 
     @property
@@ -195,6 +196,7 @@ class DataIterator:
 def make_iterator(
     config, *, sharding: jax.sharding.Sharding | None = None, process_index: int | None = None,
     process_count: int | None = None, tokenizer_for: Callable[[sources.Source], Callable] | None = None,
+    text_embeddings: bool = False,
 ) -> DataIterator:
     """Builds the training input iterator described by `config.data`.
 
@@ -202,7 +204,9 @@ def make_iterator(
     of `process_count` (default: this JAX process) reads only its rows of it.
     Shuffling, flips and dequantisation noise derive from `config.seed`.
     Text models pass `tokenizer_for(source) -> tokenizer` (it may build its vocabulary from the
-    source's captions); every batch then holds "tokens" int32 [B, 2, max_length] (ids, mask).
+    source's captions); every batch then holds "tokens" int32 [B, 2, max_length] (ids, mask). A text
+    run on a latent cache's stored embeddings passes `text_embeddings=True` instead: batches hold
+    "text_hidden", "text_mask" and "text_pooled" (diffax/data/latents.py).
     """
     check_config(config)
     process_index = jax.process_index() if process_index is None else process_index
@@ -229,7 +233,10 @@ def make_iterator(
                             f"{config.text.encoder!r}): give the data captions (folder: metadata.jsonl or .txt files; "
                             "npz: / tfds: set config.data.caption_key), or set config.text.encoder=''.")
         tokenizer = tokenizer_for(source)
+    if text_embeddings and source.caption_embeddings is None:
+        raise UserError(f"{source.name} holds no text embeddings: encode it with `diffax encode-data "
+                        "--text_embeddings=float16`.")
     log.info("Input: %s (%s examples), %d per host per step.", source.name,
              "endless" if source.records is None else len(source.records), batch_size // process_count)
     return DataIterator(config, source, sharding=sharding, process_index=process_index, process_count=process_count,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, text_embeddings=text_embeddings)

@@ -7,11 +7,19 @@ A cache directory written by `diffax encode-data` (diffax/training/encode_data.p
   shard-00000-of-00012.npz ...   "mean", "std" [n, h, w, c] float32 (the posterior of each image,
                                  stored whole as EDM2 does, Karras et al. 2024) and "label" [n] int32
   captions.jsonl                 text data sets: one JSON list of captions per example, in order
+  text.json, text-null.npz,      with `encode-data --text_embeddings`: the frozen text encoder's identity
+  text-00000-of-00012.npz ...    (folder, sha256 of weights and tokenizer) and dtype; the empty prompt's
+                                 embedding once (the null condition of caption dropout); per shard the
+                                 embedding of every caption of its examples: "hidden" [c, L, D], "mask"
+                                 [c, L] uint8, "pooled" [c, P] (when the encoder has one) and "offsets"
+                                 [n + 1] int64 (example j's captions are rows offsets[j]:offsets[j + 1])
 
 Training draws each step's latent from the stored distribution, z = mean + std * eps, with eps
 from the example's generator (seeded by config.seed and its position in the data stream, so the
 draw is a function of seed and step), then scales it with the autoencoder's LatentScaling (the
 one place scaling happens: diffax/models/autoencoder.py). Shards are Grain random-access records.
+A text run with that frozen encoder reads the embedding of the caption chosen for the step instead of
+its tokens ("text_hidden", "text_mask", "text_pooled" in the batch), so it needs no encoder to train.
 """
 from __future__ import annotations
 
@@ -27,11 +35,73 @@ from diffax.data.sources import SOURCES, Source
 
 META_NAME = "meta.json"
 CAPTIONS_NAME = "captions.jsonl"
+TEXT_META_NAME = "text.json"
+TEXT_NULL_NAME = "text-null.npz"
+TEXT_DTYPES = ("float16", "float32")
 FORMAT = 1
 
 
 def shard_path(cache_dir: str, index: int, count: int) -> str:
     return os.path.join(cache_dir, f"shard-{index:05d}-of-{count:05d}.npz")
+
+
+def text_shard_path(cache_dir: str, index: int, count: int) -> str:
+    return os.path.join(cache_dir, f"text-{index:05d}-of-{count:05d}.npz")
+
+
+def read_text_meta(cache_dir: str) -> dict[str, Any] | None:
+    """The cache's text.json (stored text embeddings), or None when it has none."""
+    path = os.path.join(cache_dir, TEXT_META_NAME)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_text_encoder(cache_dir: str, identity: dict[str, Any], field: str = "config.text.encoder") -> dict:
+    """Refuse the embeddings of `cache_dir` when another encoder than `identity` (folder, sha256 of its weights
+    and tokenizer) made them; returns the cache's text.json."""
+    from diffax.errors import UserError
+
+    meta = read_text_meta(cache_dir)
+    if meta is None:
+        raise UserError(f"{cache_dir} holds no text embeddings ({TEXT_META_NAME}): encode it with "
+                        "`diffax encode-data --text_embeddings=float16`.")
+    made = meta["encoder"]
+    for key in ("sha256", "tokenizer_sha256"):
+        if made.get(key) != identity.get(key):
+            raise UserError(
+                f"The text embeddings of {cache_dir} were made by the encoder {made['path']!r} ({key} "
+                f"{str(made.get(key))[:12]}...), but {field}={identity['path']!r} has {key} "
+                f"{str(identity.get(key))[:12]}...: a model must train on its own encoder's embeddings. Set "
+                f"{field} to {made['path']!r}, or encode the data again with `diffax encode-data "
+                "--text_embeddings` into a new --output.")
+    return meta
+
+
+def read_null_embedding(cache_dir: str) -> dict[str, np.ndarray]:
+    """The empty prompt's embedding stored once in the cache ({"hidden" [L, D], "mask" [L] int32, "pooled" [P]})."""
+    with np.load(os.path.join(cache_dir, TEXT_NULL_NAME)) as f:
+        out = {k: np.asarray(f[k]) for k in f.files}
+    out["mask"] = out["mask"].astype(np.int32)
+    return out
+
+
+def load_text_shard(path: str, expected: int) -> dict[str, np.ndarray]:
+    """A text shard's arrays, checked like `load_shard`."""
+    fix = "delete it and rerun the same `diffax encode-data --text_embeddings` command: it encodes only what is missing."
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Text embedding shard {path} is missing: {fix}")
+    try:
+        with np.load(path) as f:
+            arrays = {k: np.asarray(f[k]) for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"Text embedding shard {path} is corrupt ({type(e).__name__}: {e}): {fix}") from None
+    offsets = arrays.get("offsets")
+    if offsets is None or offsets.shape != (expected + 1,) or "hidden" not in arrays or \
+            len(arrays["hidden"]) != offsets[-1]:
+        raise ValueError(f"Text embedding shard {path} does not hold the captions of {expected} examples: {fix}")
+    return arrays
 
 
 def read_meta(cache_dir: str) -> dict[str, Any]:
@@ -120,6 +190,18 @@ def latents_source(arg: str, config: Any) -> Source:
         return np.stack([arrays["mean"][j], arrays["std"][j]]), int(arrays["label"][j])
 
     captions = read_captions(cache_dir, n)
+    embeddings = None
+    if read_text_meta(cache_dir) is not None:
+        @functools.lru_cache(maxsize=4)
+        def text_shard(i: int) -> dict[str, np.ndarray]:
+            return load_text_shard(text_shard_path(cache_dir, i, count), min(size, n - i * size))
+
+        def embeddings(index: int) -> dict[str, np.ndarray]:
+            arrays = text_shard(index // size)
+            j = index % size
+            rows = slice(int(arrays["offsets"][j]), int(arrays["offsets"][j + 1]))
+            return {k: v[rows] for k, v in arrays.items() if k != "offsets"}
+
     return Source(
         name=f"latents:{cache_dir}",
         kind="latent",
@@ -131,6 +213,7 @@ def latents_source(arg: str, config: Any) -> Source:
         describe=lambda index: f"latents:{cache_dir} example {index}",
         latent_scaling=(float(meta["scaling"]["scale"]), float(meta["scaling"]["shift"])),
         captions=None if captions is None else captions.__getitem__,
+        caption_embeddings=embeddings,
     )
 
 

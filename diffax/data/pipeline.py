@@ -29,7 +29,9 @@ from PIL import Image
 from diffax.data.sources import BadImageError, Source
 
 RESIZE_MODES = ("pad", "resize")
-BATCH_KEYS = ("image", "label", "tokens")  # what a batch holds ("tokens": text models only)
+# what a batch holds ("tokens": text models; "text_*": a text run on a cache's stored embeddings)
+TEXT_KEYS = ("text_hidden", "text_mask", "text_pooled")
+BATCH_KEYS = ("image", "label", "tokens", *TEXT_KEYS)
 _ENDLESS = 2**62  # length of the index range behind an endless stream
 
 
@@ -153,23 +155,30 @@ class ExampleTransform:
     latent_scaling: tuple[float, float] | None = None
     captions: Callable[[Any], Any] | None = None  # text models: record -> captions (Source.captions)
     tokenizer: Callable[[Any], tuple[np.ndarray, np.ndarray]] | None = None  # texts -> (ids, mask)
+    # a cache's stored embeddings (Source.caption_embeddings), read instead of tokens when given
+    caption_embeddings: Callable[[Any], dict] | None = None
 
     def __call__(self, index: int, record: Any) -> dict[str, np.ndarray] | Skipped:
         example = self._example(index, record)
-        if self.tokenizer is not None and not isinstance(example, Skipped):
-            example["tokens"] = self._tokens(index, record)
+        if isinstance(example, Skipped):
+            return example
+        if self.caption_embeddings is not None:
+            stored = self.caption_embeddings(record)
+            k = self._caption_index(index, record, len(stored["hidden"]))
+            example.update({f"text_{name}": value[k] for name, value in stored.items()})
+        elif self.tokenizer is not None:
+            texts = tuple(self.captions(record))
+            ids, mask = self.tokenizer([texts[self._caption_index(index, record, len(texts))]])
+            example["tokens"] = np.stack([ids[0], mask[0]]).astype(np.int32)  # int32 [2, max_length]
         return example
 
-    def _tokens(self, index: int, record: Any) -> np.ndarray:
-        """int32 [2, max_length]: (ids, mask) of one of the record's captions, chosen by (seed, stream
-        position), i.e. deterministic per seed and step. An empty caption is the empty prompt."""
-        texts = tuple(self.captions(record))
-        if not texts:
+    def _caption_index(self, index: int, record: Any, count: int) -> int:
+        """Which of the record's `count` captions this step reads: chosen by (seed, stream position), i.e.
+        deterministic per seed and step, and the same for its tokens and its stored embedding."""
+        if not count:
             raise ValueError(f"{self.describe(record)} has no caption; give it one (an empty string trains the "
                              "unconditional model).")
-        text = texts[0] if len(texts) == 1 else texts[np.random.default_rng([self.seed, index, 7]).integers(len(texts))]
-        ids, mask = self.tokenizer([text])
-        return np.stack([ids[0], mask[0]]).astype(np.int32)
+        return 0 if count == 1 else int(np.random.default_rng([self.seed, index, 7]).integers(count))
 
     def _example(self, index: int, record: Any) -> dict[str, np.ndarray] | Skipped:
         try:
@@ -239,8 +248,9 @@ def stack_examples(examples: list[dict[str, np.ndarray] | Skipped]) -> dict[str,
         "label": np.array([e["label"] for e in good], np.int32),
         "num_skipped": np.int64(len(bad)),
     }
-    if "tokens" in good[0]:  # text models: int32 [B, 2, max_length] (ids, mask)
-        batch["tokens"] = np.stack([e["tokens"] for e in good])
+    for key in ("tokens", *TEXT_KEYS):  # text models: int32 [B, 2, max_length] (ids, mask), or the embeddings
+        if key in good[0]:
+            batch[key] = np.stack([e[key] for e in good])
     if bad:
         batch["last_error"] = bad[-1].message
     return batch
@@ -317,7 +327,7 @@ class Rebatcher:
 
 
 def build_dataset(config, source: Source, *, process_index: int, process_count: int,
-                  tokenizer: Callable | None = None) -> grain.IterDataset:
+                  tokenizer: Callable | None = None, text_embeddings: bool = False) -> grain.IterDataset:
     """The Grain dataset of host-local numpy chunks {"image", "label", "num_skipped"} for one process.
 
     The global stream (shuffled anew each epoch, repeated) is cut into global
@@ -358,6 +368,7 @@ def build_dataset(config, source: Source, *, process_index: int, process_count: 
                 latent_scaling=source.latent_scaling,
                 captions=source.captions if tokenizer is not None else None,
                 tokenizer=tokenizer,
+                caption_embeddings=source.caption_embeddings if text_embeddings else None,
             )
         )
         ds = ds.batch(local_batch, drop_remainder=True, batch_fn=stack_examples)[process_index::process_count]
@@ -376,11 +387,13 @@ def build_dataset(config, source: Source, *, process_index: int, process_count: 
 
 
 def make_batches(config, source: Source, *, process_index: int, process_count: int,
-                 tokenizer: Callable | None = None) -> Rebatcher:
+                 tokenizer: Callable | None = None, text_embeddings: bool = False) -> Rebatcher:
     """An endless iterator of host-local numpy batches {"image", "label"} (with get/set_state); with a
-    `tokenizer` (text models) also "tokens" int32 [B, 2, max_length]: the (ids, mask) of a caption."""
+    `tokenizer` (text models) also "tokens" int32 [B, 2, max_length]: the (ids, mask) of a caption; with
+    `text_embeddings` (a latent cache's) "text_hidden" [B, L, D], "text_mask" [B, L] and "text_pooled" [B, P]
+    of a caption."""
     dataset = build_dataset(config, source, process_index=process_index, process_count=process_count,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, text_embeddings=text_embeddings)
     size = _ENDLESS if source.records is None else len(source.records)
     return Rebatcher(iter(dataset), config.training.batch_size // process_count, max(size, 1))
 

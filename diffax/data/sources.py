@@ -61,6 +61,8 @@ class Source:
     latent_scaling: tuple[float, float] | None = None  # kind "latent": (scale, shift) of its autoencoder
     # text models: record -> its captions (one or more; one is chosen per step); None: the source has none
     captions: Callable[[Any], Sequence[str]] | None = None
+    # latent caches with text embeddings: record -> {"hidden", "mask", "pooled"} of each of its captions
+    caption_embeddings: Callable[[Any], dict] | None = None
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -63,8 +63,9 @@ def make_denoiser(
     network call) outside it. Then x0 is clipped to [-1, 1] (`clip_x0`) or dynamically
     thresholded at the quantile `dynamic_threshold` in (0, 1] (Saharia et al. 2022), and eps
     re-derived from it. A learned-variance model's `var_interp` is the conditional one, as GLIDE.
-    For a text model `labels` are tokens [B, 2, L] and `null_label` the tokens [2, L] of the empty
-    (or the negative) prompt, the unconditional input of text guidance (Nichol et al. 2022, GLIDE).
+    For a text model `labels` are its embeddings {"hidden" [B, L, D], "mask" [B, L], "pooled" [B, P]}
+    (or tokens [B, 2, L]) and `null_label` the same without B for the empty (or the negative) prompt,
+    the unconditional input of text guidance (Nichol et al. 2022, GLIDE).
     """
     net = raw_denoiser(apply_fn, schedule, parameterization)
     scale = float(guidance_scale)
@@ -85,12 +86,14 @@ def make_denoiser(
                     "Classifier-free guidance (config.sampling.guidance_scale != 1) needs class labels and "
                     "null_label (= config.data.num_classes); set guidance_scale = 1 for an unconditional model."
                 )
-            labels = jnp.asarray(labels, jnp.int32)
+            if not isinstance(labels, dict):  # class labels or tokens; a dict is a text model's embeddings
+                labels = jnp.asarray(labels, jnp.int32)
             inside = (t >= lo) & (t <= hi)
 
             def guide(_):
-                null = jnp.broadcast_to(jnp.asarray(null_label, jnp.int32), labels.shape)
-                both = jnp.concatenate([labels, null])
+                both = jax.tree.map(  # [labels; null]: both halves in one batch (any pytree of conditions)
+                    lambda y, n: jnp.concatenate([y, jnp.broadcast_to(jnp.asarray(n, y.dtype), y.shape)]),
+                    labels, null_label)
                 c2 = None if c_noise is None else jnp.concatenate([jnp.broadcast_to(c_noise, t.shape)] * 2)
                 out = net(jnp.concatenate([z, z]), jnp.concatenate([t, t]), both, c2)
                 b = z.shape[0]

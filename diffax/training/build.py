@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from flax import nnx
 
 from diffax import data, models, parameterization, schedules
@@ -30,19 +31,40 @@ class Diffusion:
     static_schedule: Any  # the schedule when it has no weights
     parameterization: Any
     params: Any  # initial weights
-    text_graphdef: Any = None  # text models: the text encoder (its weights are params["text"])
+    text_graphdef: Any = None  # text models: the text encoder (its weights are params["text"], or frozen_text)
     text_rest: Any = None
     text_trainable: bool = False  # False: the encoder is frozen (no gradient, no update)
     pooled: bool = False  # the network takes the pooled text vector
     null_tokens: Any = None  # text models: int32 [2, max_length], the empty prompt (the null condition)
     tokenizer: Any = None  # a pretrained encoder's own tokenizer (the small one's lives in the workdir)
     mask_context: bool = True  # hide padding from the network's cross-attention (config.text.mask_context)
+    # A run on cached text embeddings (diffax/data/latents.py): the frozen encoder's weights stay out of
+    # params (so out of the train step, the optimizer, the EMA and the checkpoints); sampling passes them
+    # back in through `sampling_params`. None for every other run.
+    frozen_text: Any = None
+    null_embedding: Any = None  # ... and the empty prompt's embedding stored in the cache (caption dropout's null)
+
+    def encode_text(self, params: Any, tokens: jax.Array) -> dict:
+        """A text condition: tokens [B, 2, L] (ids, mask) -> {"hidden" [B, L, D], "mask" [B, L], "pooled" [B, P]
+        (when the encoder has one)}, the encoder run once on the batch (under the name scope
+        "text_encoder", which tests look for in a sampler's program)."""
+        text_params = params["text"] if self.text_trainable else jax.lax.stop_gradient(params["text"])
+        encoder = nnx.merge(self.text_graphdef, text_params, self.text_rest)
+        ids, mask = tokens[:, 0], tokens[:, 1]
+        with jax.named_scope("text_encoder"):
+            emb = encoder(ids, mask)
+        out = {"hidden": emb.hidden, "mask": mask}
+        if emb.pooled is not None:
+            out["pooled"] = emb.pooled
+        return out
 
     def apply_fn(self, params: Any, dropout_key: jax.Array | None = None) -> Callable:
         """The network as apply_fn(z_in, c_noise, labels) for the diffusion math.
 
-        For a text model `labels` are tokens [B, 2, L] (ids, mask); they are encoded here and reach the
-        network as context / context_mask / pooled keyword arguments.
+        For a text model `labels` is a text condition: `encode_text`'s dict of embeddings (what the train
+        step and the samplers pass: the encoder has run once, outside the network evaluations), or
+        tokens [B, 2, L], which are encoded here at every call. It reaches the network as context /
+        context_mask / pooled keyword arguments.
         """
         net = nnx.merge(self.net_graphdef, params["net"], self.net_rest)
         if self.text_graphdef is None:
@@ -50,18 +72,24 @@ class Diffusion:
                 return net(z_in, c_noise, labels, dropout_key=dropout_key)
 
             return apply
-        text_params = params["text"] if self.text_trainable else jax.lax.stop_gradient(params["text"])
-        encoder = nnx.merge(self.text_graphdef, text_params, self.text_rest)
 
-        def apply_text(z_in, c_noise, tokens=None):
-            if tokens is None:
-                raise ValueError("a text model needs tokens (the empty prompt's for unconditional samples)")
-            ids, mask = tokens[:, 0], tokens[:, 1]
-            emb = encoder(ids, mask)
-            return net(z_in, c_noise, None, context=emb.hidden, context_mask=mask if self.mask_context else None,
-                       pooled=emb.pooled if self.pooled else None, dropout_key=dropout_key)
+        def apply_text(z_in, c_noise, cond=None):
+            if cond is None:
+                raise ValueError("a text model needs a text condition (the empty prompt's for unconditional samples)")
+            if not isinstance(cond, dict):
+                cond = self.encode_text(params, cond)
+            return net(z_in, c_noise, None, context=cond["hidden"],
+                       context_mask=cond["mask"] if self.mask_context else None,
+                       pooled=cond["pooled"] if self.pooled else None, dropout_key=dropout_key)
 
         return apply_text
+
+    def sampling_params(self, params: Any) -> Any:
+        """The weights a sampler needs: `params`, with the frozen encoder's put back for a run on cached
+        text embeddings (its prompts are encoded by the encoder all the same)."""
+        if self.frozen_text is None:
+            return params
+        return {**params, "text": self.frozen_text}
 
     def schedule(self, params: Any) -> Any:
         if self.schedule_graphdef is None:
@@ -80,8 +108,13 @@ def num_classes(config: Any) -> int:
     return int(config.data.num_classes) if config.data.conditional else 0
 
 
-def build(config: Any, seed: int | None = None) -> Diffusion:
-    """Initialise the network (and learned schedule) of `config` with `seed` (default config.seed)."""
+def build(config: Any, seed: int | None = None, *, cached_text: bool | None = None) -> Diffusion:
+    """Initialise the network (and learned schedule) of `config` with `seed` (default config.seed).
+
+    A text run on a latent cache with stored embeddings of its (frozen) encoder keeps the encoder's
+    weights out of params, in `frozen_text`: `cached_text`, or when None whether config's data are such a
+    cache (`text.cached_embeddings`; a trained run's workdir says, `text.trained_on_cached_embeddings`).
+    """
     seed = config.seed if seed is None else seed
     shape = tuple(latent.model_data_shape(config))  # latents when an autoencoder encodes images on the fly
     n_classes = num_classes(config)
@@ -91,6 +124,13 @@ def build(config: Any, seed: int | None = None) -> Diffusion:
     net = models.build_model(config.model, data_shape=shape, num_classes=n_classes, rngs=rngs, **extra)
     net_graphdef, net_params, net_rest = nnx.split(net, nnx.Param, ...)
     text_params = text.pop("params", {})
+    frozen_text = None
+    cache = text_lib.cached_embeddings(config) if text else ""
+    if text and (cached_text if cached_text is not None else bool(cache)):  # the data bring the embeddings
+        frozen_text = jax.tree.map(np.asarray, text_params)  # kept on the host, for sampling only
+        from diffax.data.latents import read_null_embedding
+
+        text = {**text, "frozen_text": frozen_text, "null_embedding": read_null_embedding(cache) if cache else None}
 
     image_size = shape[0] if len(shape) == 3 else None
     schedule = schedules.get_schedule(config.diffusion, image_size=image_size, seed=seed)
@@ -108,7 +148,8 @@ def build(config: Any, seed: int | None = None) -> Diffusion:
         schedule_graphdef=schedule_graphdef,
         static_schedule=static_schedule,
         parameterization=parameterization.get_parameterization(config.diffusion),
-        params={"net": net_params, "schedule": schedule_params, **({"text": text_params} if text else {})},
+        params={"net": net_params, "schedule": schedule_params,
+                **({"text": text_params} if text and frozen_text is None else {})},
         **text,
     )
 
@@ -116,7 +157,6 @@ def build(config: Any, seed: int | None = None) -> Diffusion:
 def build_text(config: Any, seed: int) -> dict:
     """The text encoder of config.text (Diffusion fields, and the network's context_dim / pooled_dim)."""
     import jax.numpy as jnp
-    import numpy as np
 
     from diffax.models import text as text_models
 

@@ -11,6 +11,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffax import compilation, configuration, parallel, samplers
@@ -23,15 +24,22 @@ from diffax.training.step import state_layout
 def make_sample_fn(diffusion: Diffusion, config: Any, mesh: Any, param_shardings: Any, null_label: Any = None) -> Callable:
     """A jitted sample_fn(params, noise, key, labels) -> samples, its batch sharded over the mesh.
 
-    `null_label` replaces the model's null condition in guidance: a negative prompt's tokens.
+    `null_label` replaces the model's null condition in guidance: a negative prompt's tokens. A text
+    model's `labels` are the prompts' tokens [B, 2, L]: the text encoder runs on them once, and once on
+    the null prompt, before the sampler's loop, whose network evaluations get the embeddings.
     """
     batch = parallel.batch_sharding(mesh)
     sampler = samplers.make_sampler(config)
     null = diffusion.null_label if null_label is None else null_label
+    text = diffusion.null_tokens is not None
 
     def sample(params, noise, key, labels):
+        null_cond = null
+        if text:  # encode once per batch; an unguided sampler leaves the null's encoding unused (and compiled out)
+            labels = diffusion.encode_text(params, labels)
+            null_cond = jax.tree.map(lambda x: x[0], diffusion.encode_text(params, jnp.asarray(null, jnp.int32)[None]))
         return sampler(diffusion.schedule(params), diffusion.parameterization, diffusion.apply_fn(params),
-                       noise, key, labels, null_label=null)
+                       noise, key, labels, null_label=null_cond)
 
     sample_fn = jax.jit(
         sample,
@@ -50,6 +58,14 @@ def make_sample_fn(diffusion: Diffusion, config: Any, mesh: Any, param_shardings
     # may not be traced inside another function.
     sample_and_decode.sampler = sample_fn
     return sample_and_decode
+
+
+def sampling_shardings(diffusion: Diffusion, param_shardings: Any, mesh: Any) -> Any:
+    """The shardings of `diffusion.sampling_params`: the params', and the frozen encoder replicated for a run
+    on cached text embeddings (whose params lack it)."""
+    if diffusion.frozen_text is None:
+        return param_shardings
+    return {**param_shardings, "text": jax.tree.map(lambda _: parallel.replicated(mesh), diffusion.frozen_text)}
 
 
 def default_labels(num_samples: int, num_classes: int) -> np.ndarray | None:
@@ -136,18 +152,23 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True, config: An
         config = configuration.load(os.path.join(workdir, "config.json"))
     latent.check_autoencoder(workdir, config)
     mesh = parallel.make_mesh(config.mesh)
-    diffusion = build(config)
+    from diffax.training import text as text_lib
+
+    diffusion = build(config, cached_text=text_lib.trained_on_cached_embeddings(workdir))
     _, abstract, shardings = state_layout(diffusion, config, mesh)
     tokenizer, null = text_tokenizer(config, workdir, diffusion)
-    sample = make_sample_fn(diffusion, config, mesh, shardings.ema, null_label=null)
+    param_shardings = sampling_shardings(diffusion, shardings.ema, mesh)
+    sample = make_sample_fn(diffusion, config, mesh, param_shardings, null_label=null)
+    text = {} if diffusion.frozen_text is None else jax.device_put(diffusion.frozen_text, param_shardings["text"])
+    with_text = lambda params: params if not text else {**params, "text": text}  # noqa: E731
     if ema_sigma_rel is not None:
         from diffax.training import posthoc_snapshots
 
         step, params = posthoc_snapshots.load(
             workdir, ema_sigma_rel, checkpoint.abstract_like(abstract.ema, shardings.ema),
             checkpoint.abstract_like(abstract.posthoc_ema, shardings.posthoc_ema), step)
-        return Inference(config=config, step=step, diffusion=diffusion, params=params, mesh=mesh, _sample=sample,
-                         tokenizer=tokenizer)
+        return Inference(config=config, step=step, diffusion=diffusion, params=with_text(params), mesh=mesh,
+                         _sample=sample, tokenizer=tokenizer)
     steps = checkpoint.all_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"No checkpoint in {checkpoint.checkpoint_dir(workdir)}: train first, or check --workdir.")
@@ -165,7 +186,7 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True, config: An
                                 "above say why): train again, or point --workdir at another run.")
     finally:
         ckpt.close()
-    params = state.ema if use_ema else state.params
+    params = with_text(state.ema if use_ema else state.params)
     return Inference(config=config, step=step, diffusion=diffusion, params=params, mesh=mesh, _sample=sample,
                      tokenizer=tokenizer)
 

@@ -209,7 +209,10 @@ def reconstruct_run(config: Any, workdir: str, sigma_rels: Sequence[float], step
     from diffax.training.step import state_layout
 
     mesh = parallel.make_mesh(config.mesh)
-    _, abstract, shardings = state_layout(build(config), config, mesh)
+    from diffax.training.text import trained_on_cached_embeddings
+
+    diffusion = build(config, cached_text=trained_on_cached_embeddings(workdir))
+    _, abstract, shardings = state_layout(diffusion, config, mesh)
     if not abstract.posthoc_ema:
         raise ValueError(f"The config of {workdir} has no config.training.posthoc_ema, so its train state has no "
                          "post-hoc EMA profiles to reconstruct from.")

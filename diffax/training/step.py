@@ -121,12 +121,19 @@ def _diffusion_value_and_grad(diffusion: Diffusion, config: Any) -> Callable:
     def value_and_grad(params: Any, batch: dict, key: jax.Array, step: jax.Array) -> tuple[tuple, Any]:
         noise_key, dropout_key = jax.random.split(key)
         labels = batch.get("label") if diffusion.num_classes else None
-        if diffusion.null_tokens is not None:  # text: the captions' tokens, some replaced by the empty prompt
+        cached = diffusion.null_tokens is not None and "text_hidden" in batch
+        if cached:  # a cache's stored embeddings, some replaced by the empty prompt's stored once with them
+            labels = drop_captions(jax.random.fold_in(key, 7), cached_condition(batch), caption_dropout,
+                                   diffusion.null_embedding)
+        elif diffusion.null_tokens is not None:  # text: the captions' tokens, some replaced by the empty prompt
             labels = drop_captions(jax.random.fold_in(key, 7), batch["tokens"], caption_dropout, diffusion.null_tokens)
 
         def loss(params):
             apply = diffusion.apply_fn(params, dropout_key)
-            per_example, aux = loss_fn(apply, diffusion.schedule(params), batch["image"], noise_key, labels)
+            cond = labels
+            if diffusion.null_tokens is not None and not cached:  # the encoder runs once per step
+                cond = diffusion.encode_text(params, labels)
+            per_example, aux = loss_fn(apply, diffusion.schedule(params), batch["image"], noise_key, cond)
             return jnp.mean(per_example), aux
 
         return jax.value_and_grad(loss, has_aux=True)(params)
@@ -134,11 +141,28 @@ def _diffusion_value_and_grad(diffusion: Diffusion, config: Any) -> Callable:
     return value_and_grad
 
 
-def drop_captions(key: jax.Array, tokens: jax.Array, p: float, null_tokens: Any) -> jax.Array:
-    """Replace each caption's tokens [B, 2, L] by the empty prompt's [2, L] with probability p, so one
-    network learns the conditional and the unconditional model (Ho & Salimans 2022; GLIDE, Nichol et
-    al. 2022, drops 20% of captions; Imagen 10%)."""
+def cached_condition(batch: dict) -> dict:
+    """The text condition of a batch of stored embeddings (float16 or float32 on disk; float32 here, as the
+    encoder returns them)."""
+    cond = {"hidden": batch["text_hidden"].astype(jnp.float32), "mask": batch["text_mask"].astype(jnp.int32)}
+    if "text_pooled" in batch:
+        cond["pooled"] = batch["text_pooled"].astype(jnp.float32)
+    return cond
+
+
+def drop_captions(key: jax.Array, cond: Any, p: float, null: Any) -> Any:
+    """Replace each caption's condition (tokens [B, 2, L], or a dict of embeddings [B, ...]) by the empty
+    prompt's (the same without B) with probability p, so one network learns the conditional and the
+    unconditional model (Ho & Salimans 2022; GLIDE, Nichol et al. 2022, drops 20% of captions; Imagen 10%)."""
     if p <= 0:
-        return tokens
-    drop = jax.random.bernoulli(key, p, tokens.shape[:1])[:, None, None]
-    return jnp.where(drop, jnp.asarray(null_tokens, tokens.dtype)[None], tokens)
+        return cond
+    batch = jax.tree.leaves(cond)[0].shape[0]
+    drop = jax.random.bernoulli(key, p, (batch,))
+
+    def choose(x, n):
+        n = jnp.asarray(n, x.dtype)
+        return jnp.where(drop.reshape((-1,) + (1,) * n.ndim), n[None], x)
+
+    if isinstance(cond, dict):
+        return {k: choose(v, null[k]) for k, v in cond.items()}
+    return choose(cond, null)

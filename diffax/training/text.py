@@ -1,10 +1,15 @@
 """Text-to-image runs: the config.text section read once, tokenizers, prompts and the null prompt.
 
-A text model's conditioning travels through the data pipeline, the train step and the
-samplers as int32 tokens [B, 2, max_length] (the ids and the mask of one caption each), in
-the place class labels take in a class-conditional run; the network call encodes them
-(diffax/training/build.py). The null condition of classifier-free guidance and of caption
-dropout is the empty prompt's tokens (or a negative prompt's).
+A text model's conditioning travels through the data pipeline as int32 tokens [B, 2, max_length]
+(the ids and the mask of one caption each), in the place class labels take in a class-conditional
+run. The text encoder runs once per batch (`Diffusion.encode_text`, diffax/training/build.py): in
+the train step before the loss, and in sampling before the sampler's loop (once for the prompts,
+once for the null prompt), so the network evaluations receive embeddings {"hidden", "mask",
+"pooled"}. With a frozen pretrained encoder, `diffax encode-data --text_embeddings` can store every
+caption's embedding in a latent cache (diffax/data/latents.py); a run on that cache reads them from
+the data and holds no encoder in its train step (`cached_embeddings`). The null condition of
+classifier-free guidance and of caption dropout is the empty prompt's tokens (or a negative
+prompt's), or its embedding stored once in the cache.
 
 The small encoder's word tokenizer is built from the training captions on the first run and
 saved as <workdir>/tokenizer.json; a resumed run and `diffax sample` read it back.
@@ -25,6 +30,101 @@ log = logging.getLogger(__name__)
 def enabled(config: Any) -> bool:
     """Is config a text-to-image run (config.text.encoder set)?"""
     return "text" in config and bool(config.text.encoder)
+
+
+def frozen(config: Any) -> bool:
+    """Is the text encoder frozen (a pretrained one, config.text.trainable False)? The small one trains."""
+    return str(config.text.encoder) != "small" and not bool(config.text.trainable)
+
+
+def cached_embeddings(config: Any) -> str:
+    """The latent cache whose stored text embeddings a run trains on ("" when it encodes its captions): a
+    text run with a frozen encoder on `latents:DIR` where DIR holds embeddings (diffax/data/latents.py).
+    A trainable encoder changes with the denoiser, so its run tokenizes the cached captions instead."""
+    from diffax.data import latents, sources
+
+    if not enabled(config) or not frozen(config) or config.training.task != "diffusion":
+        return ""
+    kind, cache_dir = sources.split_name(config.data.name)
+    if kind != "latents" or not os.path.exists(os.path.join(cache_dir, latents.TEXT_META_NAME)):
+        return ""
+    return cache_dir
+
+
+RECORD_NAME = "text_embeddings.json"
+
+
+def trained_on_cached_embeddings(workdir: str) -> bool:
+    """Did the run in `workdir` train on a cache's text embeddings (its state holds no encoder)? Its
+    <workdir>/text_embeddings.json says so, whatever the cache holds now."""
+    return os.path.exists(os.path.join(workdir, RECORD_NAME))
+
+
+def record_cached_embeddings(workdir: str, config: Any, cache: str, has_checkpoints: bool) -> None:
+    """A run's train state holds the frozen encoder or not, for good: refuse to resume it the other way (a
+    cache that gained or lost its embeddings), and record a run on cached embeddings in its workdir."""
+    import json
+
+    import jax
+
+    recorded = trained_on_cached_embeddings(workdir)
+    if has_checkpoints and recorded != bool(cache):
+        before, now = ("on the text embeddings of a cache", "encodes its captions") if recorded else (
+            "with the text encoder in its train state", f"would read the text embeddings stored in {cache}")
+        raise UserError(f"The run in {workdir} was trained {before}, and this config {now} "
+                        f"(config.data.name={config.data.name!r}): its checkpoints do not fit. Resume it with the "
+                        "data it was trained on, or train in a new --workdir.")
+    if not cache and recorded and not has_checkpoints and jax.process_index() == 0:  # a start that saved nothing
+        os.remove(os.path.join(workdir, RECORD_NAME))
+    if cache and not recorded and jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, RECORD_NAME), "w", encoding="utf-8") as f:
+            json.dump({"cache": os.path.abspath(cache), "encoder": str(config.text.encoder)}, f, indent=2)
+
+
+def _sha256(paths: Sequence[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def encoder_identity(config: Any) -> dict[str, Any]:
+    """What makes a frozen encoder's embeddings what they are: its folder, the sha256 of its weights and of
+    its tokenizer files, and max_length. Stored with cached embeddings and compared by the run that reads them.
+    A trainable encoder (the small one, or config.text.trainable) has no fixed embeddings: an error."""
+    from diffax.models.text import pretrained
+
+    t = config.text
+    if not enabled(config):
+        raise UserError("config.text.encoder is empty: there is no text encoder whose embeddings could be cached.")
+    if not frozen(config):
+        what = ("the small encoder trains with the denoiser" if str(t.encoder) == "small"
+                else "config.text.trainable=True trains the encoder with the denoiser")
+        raise UserError(f"Text embeddings can be cached only for a frozen pretrained encoder, but {what} "
+                        f"(config.text.encoder={t.encoder!r}): its embeddings change every step. Drop "
+                        "--text_embeddings (the cache keeps the captions, which such a run tokenizes), or use a "
+                        "frozen transformers CLIP / T5 folder.")
+    folder = str(t.encoder)
+    index = os.path.join(folder, pretrained.WEIGHTS_INDEX)
+    if os.path.exists(os.path.join(folder, pretrained.WEIGHTS_FILE)):
+        weights = [os.path.join(folder, pretrained.WEIGHTS_FILE)]
+    elif os.path.exists(index):
+        import json
+
+        with open(index, encoding="utf-8") as f:
+            weights = [index] + [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        raise UserError(f"config.text.encoder={folder!r}: no {pretrained.WEIGHTS_FILE} there (a transformers folder).")
+    tok_dir = pretrained._tokenizer_folder(folder)
+    tok_files = [os.path.join(tok_dir, n) for n in ("tokenizer.json", "vocab.json", "merges.txt")
+                 if os.path.exists(os.path.join(tok_dir, n))]
+    return {"path": os.path.abspath(folder), "sha256": _sha256(weights), "tokenizer_sha256": _sha256(tok_files)}
 
 
 def tokens_of(tokenizer: Callable, texts: Sequence[str]) -> np.ndarray:

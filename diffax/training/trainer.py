@@ -76,6 +76,9 @@ class SampleGrids:
     def __init__(self, diffusion, config, mesh, workdir, param_shardings, abstract_params, *, source=None):
         self.config, self.workdir = config, workdir
         tokenizer, null = inference.text_tokenizer(config, workdir, diffusion)
+        self.diffusion = diffusion
+        param_shardings = inference.sampling_shardings(diffusion, param_shardings, mesh)
+        abstract_params = diffusion.sampling_params(abstract_params)
         self.sample = inference.make_sample_fn(diffusion, config, mesh, param_shardings, null_label=null)
         self.run = inference.Inference(config=config, step=0, diffusion=diffusion, params=None, mesh=mesh,
                                        _sample=self.sample, tokenizer=tokenizer)
@@ -106,7 +109,7 @@ class SampleGrids:
     def __call__(self, step: int, state: TrainState) -> np.ndarray | None:
         """Write the preview of step `step` to `path(step)`; returns the picture (None on processes > 0)."""
         s = self.config.sampling
-        params = state.ema if s.use_ema else state.params
+        params = self.diffusion.sampling_params(state.ema if s.use_ema else state.params)  # the frozen encoder: copied in
         run = dataclasses.replace(self.run, step=step, params=params)
         out = run.draw(s.num_samples, self.config.seed, labels=self.tokens, progress=False)
         path = self.path(step)
@@ -167,14 +170,22 @@ def _set_up(config: Any, workdir: str) -> _Run:
     parallel.check_batch_size(t.batch_size, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
     train_autoencoder = t.task == "autoencoder"
-    diffusion, tokenizer_for = None, None
+    diffusion, tokenizer_for, cache = None, None, ""
     if text_lib.enabled(config) and not train_autoencoder:
-        if config.text.encoder == "small":  # its vocabulary comes from the captions
+        cache = text_lib.cached_embeddings(config)
+        if cache:  # the cache brings its captions' embeddings, made by this very encoder (or refused)
+            from diffax.data.latents import check_text_encoder
+
+            check_text_encoder(cache, text_lib.encoder_identity(config))
+            logging.info("Training on the text embeddings stored in %s: no text encoder in the train step.", cache)
+        elif config.text.encoder == "small":  # its vocabulary comes from the captions
             tokenizer_for = text_lib.small_tokenizer_for_training(config, workdir)
         else:  # a pretrained encoder brings its tokenizer
             diffusion = build(config)
             tokenizer_for = lambda source: diffusion.tokenizer  # noqa: E731
-    iterator = data.make_iterator(config, sharding=batch_sharding, tokenizer_for=tokenizer_for)  # opening the data is quick
+        text_lib.record_cached_embeddings(workdir, config, cache, bool(checkpoint.all_steps(workdir)))
+    iterator = data.make_iterator(config, sharding=batch_sharding, tokenizer_for=tokenizer_for,
+                                  text_embeddings=bool(cache))  # opening the data is quick
     if diffusion is None:
         diffusion = autoencoder.build(config) if train_autoencoder else build(config)
     lr_schedule = learning_rate_schedule(config.optimizer, t.num_steps)
