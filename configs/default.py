@@ -171,7 +171,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Sampling (diffax/samplers): during training and for `diffax sample`
     c.sampling = s = ml_collections.ConfigDict()
-    s.sampler = "ddim"  # ddpm ddim euler heun dpm_solver pc ode flow_euler flow_heun
+    s.sampler = "ddim"  # ddpm ddim pndm euler heun dpm_solver pc ode flow_euler flow_heun
     s.steps = 50
     s.num_samples = 64  # images in the grid written during training
     s.batch_size = 256  # chunk size when drawing many samples
@@ -179,7 +179,8 @@ def get_config() -> ml_collections.ConfigDict:
     s.eta = 0.0  # DDIM
     s.spacing = "trailing"  # DDIM / DDPM timestep spacing: leading | trailing | linspace
     s.steps_offset = 0  # added to leading spacing (diffusers' steps_offset)
-    s.final_alpha_one = True  # DDIM: the last step goes to alpha = 1 (diffusers' set_alpha_to_one)
+    s.final_alpha_one = True  # DDIM / PNDM: the last step goes to alpha = 1 (diffusers' set_alpha_to_one)
+    s.skip_prk_steps = True  # PNDM: PLMS only (Stable Diffusion's); False: 3 pseudo Runge-Kutta steps first (diffusers' default)
     s.grid = "paper"  # paper | diffusers | diffusers_karras | diffusers_dynamic (flow_*): diffusers' scheduler grids
     s.shift = 1.0  # flow_euler / flow_heun: time shift s t / (1 + (s - 1) t) of the grid (Esser et al. 2024, Eq. 23)
     s.variance = "small"  # DDPM: small | large | learned
