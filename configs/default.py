@@ -169,6 +169,13 @@ def get_config() -> ml_collections.ConfigDict:
     t.progress_bar = True
     t.task = "diffusion"  # diffusion | autoencoder: train config.autoencoder's KL autoencoder (diffax/training/autoencoder.py)
 
+    # LoRA (diffax/models/lora.py, Hu et al. 2022): low-rank adapters on the network's linear layers named in
+    # targets; only they train. Set at `diffax import-diffusers` (the step-0 checkpoint holds them) or a new run.
+    c.lora = lo = ml_collections.ConfigDict()
+    lo.rank = 0  # adapter rank r; 0 = off (the whole network trains)
+    lo.alpha = 0.0  # the update is (alpha / r) A B; 0 = alpha = r (scale 1)
+    lo.targets = ("to_q", "to_k", "to_v", "to_out")  # attribute names of the adapted nnx.Linear layers (SD attention)
+
     # Sampling (diffax/samplers): during training and for `diffax sample`
     c.sampling = s = ml_collections.ConfigDict()
     s.sampler = "ddim"  # ddpm ddim pndm euler heun dpm_solver pc ode flow_euler flow_heun

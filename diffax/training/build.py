@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 
 from diffax import data, models, parameterization, schedules
+from diffax.models import lora as lora_lib
 from diffax.training import latent
 from diffax.training import text as text_lib
 
@@ -37,6 +38,13 @@ class Diffusion:
     null_tokens: Any = None  # text models: int32 [2, max_length], the empty prompt (the null condition)
     tokenizer: Any = None  # a pretrained encoder's own tokenizer (the small one's lives in the workdir)
     mask_context: bool = True  # hide padding from the network's cross-attention (config.text.mask_context)
+    lora_scale: float = 0.0  # alpha / rank of params["lora"], the LoRA adapters (diffax/models/lora.py)
+
+    def net_params(self, params: Any) -> Any:
+        """The network's weights: params["net"], or with LoRA the frozen base plus the adapters merged in."""
+        if "lora" not in params:
+            return params["net"]
+        return lora_lib.merge(jax.lax.stop_gradient(params["net"]), params["lora"], self.lora_scale)
 
     def apply_fn(self, params: Any, dropout_key: jax.Array | None = None) -> Callable:
         """The network as apply_fn(z_in, c_noise, labels) for the diffusion math.
@@ -44,7 +52,7 @@ class Diffusion:
         For a text model `labels` are tokens [B, 2, L] (ids, mask); they are encoded here and reach the
         network as context / context_mask / pooled keyword arguments.
         """
-        net = nnx.merge(self.net_graphdef, params["net"], self.net_rest)
+        net = nnx.merge(self.net_graphdef, self.net_params(params), self.net_rest)
         if self.text_graphdef is None:
             def apply(z_in, c_noise, labels=None):
                 return net(z_in, c_noise, labels, dropout_key=dropout_key)
@@ -91,6 +99,11 @@ def build(config: Any, seed: int | None = None) -> Diffusion:
     net = models.build_model(config.model, data_shape=shape, num_classes=n_classes, rngs=rngs, **extra)
     net_graphdef, net_params, net_rest = nnx.split(net, nnx.Param, ...)
     text_params = text.pop("params", {})
+    lora = {}
+    if lora_lib.enabled(config):  # adapters for the named linear layers; the base weights stay frozen
+        key = jax.random.fold_in(jax.random.key(seed), 5)
+        lora = dict(lora=lora_lib.init(net, tuple(config.lora.targets), int(config.lora.rank), key),
+                    lora_scale=lora_lib.scale_of(config.lora))
 
     image_size = shape[0] if len(shape) == 3 else None
     schedule = schedules.get_schedule(config.diffusion, image_size=image_size, seed=seed)
@@ -108,7 +121,9 @@ def build(config: Any, seed: int | None = None) -> Diffusion:
         schedule_graphdef=schedule_graphdef,
         static_schedule=static_schedule,
         parameterization=parameterization.get_parameterization(config.diffusion),
-        params={"net": net_params, "schedule": schedule_params, **({"text": text_params} if text else {})},
+        params={"net": net_params, "schedule": schedule_params, **({"text": text_params} if text else {}),
+                **({"lora": lora["lora"]} if lora else {})},
+        lora_scale=lora.get("lora_scale", 0.0),
         **text,
     )
 
