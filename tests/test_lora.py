@@ -219,7 +219,7 @@ def test_export_lora_writes_peft_names(lora_workdir, tmp_path):
         m + ".weight" for m in modules if m.endswith(("to_q", "to_out.0"))}
     with safe_open(out, "np") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    assert meta["unet"] == dict(r=4, lora_alpha=4, target_modules=["to_k", "to_out.0", "to_q", "to_v"])
+    assert meta == {"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
 
 
 @pytest.mark.slow  # an import or a second train-step compile: ~40-70 s on 2 busy cores

@@ -147,7 +147,9 @@ def export_lora(workdir: str, output: str, *, use_ema: bool = True, step: int | 
     rank = int(run.config.lora.rank)
     names = sorted({".".join(m.rsplit(".", 2)[1:]) if m.endswith(".0") else m.rsplit(".", 1)[1]
                     for m in modules})  # to_q, to_k, to_v, to_out.0
-    metadata = {"lora_adapter_metadata": json.dumps({"unet": dict(r=rank, lora_alpha=rank, target_modules=names)})}
+    # diffusers' save_lora_weights layout: the PEFT LoraConfig fields, prefixed with the component
+    metadata = {"lora_adapter_metadata": json.dumps({"unet.r": rank, "unet.lora_alpha": rank,
+                                                     "unet.target_modules": names}, sort_keys=True)}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     save_file(tensors, output, metadata=metadata)
     return dict(step=run.step, tensors=len(tensors), rank=rank)
