@@ -68,6 +68,7 @@ def _max_rel(a, b):
 
 
 def test_remat_gives_the_same_loss_and_gradients(float32):
+    """Measured on CPU: the same loss bit for bit, gradients within 2.7e-6 of their largest value."""
     loss, grads = loss_and_grads(remat=True)
     assert abs(loss - float32[0]) <= 1e-6 * abs(float32[0])
     assert _max_rel(grads, float32[1]) < 1e-5
@@ -75,9 +76,10 @@ def test_remat_gives_the_same_loss_and_gradients(float32):
 
 @pytest.mark.slow  # a bfloat16 compile: ~30 s on 2 busy cores
 def test_bfloat16_loss_is_close_to_float32(float32):
-    """bfloat16 activations (float32 weights and diffusion math): loss within 2% of float32's."""
+    """bfloat16 activations (float32 weights and diffusion math): loss within 1e-3 of float32's, relative
+    (measured on CPU: 3.8e-5; 1.05333 against 1.05329)."""
     loss, _ = loss_and_grads(dtype="bfloat16")
-    assert abs(loss - float32[0]) <= 2e-2 * abs(float32[0]), (loss, float32[0])
+    assert abs(loss - float32[0]) <= 1e-3 * abs(float32[0]), (loss, float32[0])
 
 
 FSDP_SCRIPT = """
@@ -90,6 +92,7 @@ print("LOSS", repr(loss_and_grads(mesh_fsdp=8)[0]))
 
 @pytest.mark.slow  # a subprocess with 8 simulated devices: ~60 s on 2 busy cores
 def test_fsdp_on_8_devices_gives_the_loss_of_one(float32):
+    """Measured on CPU: the same loss bit for bit (1.053290605545044)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", FSDP_SCRIPT.format(root=ROOT)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
