@@ -147,3 +147,21 @@ def test_pndm_scheduler_imports_as_pndm():
                             steps_offset=1)
     with pytest.raises(UnsupportedDiffusersConfig, match="PNDMScheduler prediction_type='v_prediction'"):
         scheduler_config_to_diffax(dict(diffusers_sd.scheduler_options(pndm), prediction_type="v_prediction"))
+
+
+def test_pndm_run_exports_a_pndm_scheduler():
+    """export-diffusers' scheduler_config.json of a pndm run reads back as the same sampling fields."""
+    from configs.default import get_config
+    from diffax.models.diffusers import scheduler_config_to_diffax
+
+    c = get_config()
+    c.diffusion.update(schedule="scaled_linear", num_steps=1000, prediction="eps")
+    c.sampling.update(sampler="pndm", spacing="leading", steps_offset=1, final_alpha_one=False, skip_prk_steps=False)
+    cfg = diffusers_sd.scheduler_to_diffusers_config(c)
+    assert cfg["_class_name"] == "PNDMScheduler" and "rescale_betas_zero_snr" not in cfg
+    _, sampling = scheduler_config_to_diffax(cfg)
+    assert sampling == dict(sampler="pndm", final_alpha_one=False, skip_prk_steps=False, spacing="leading",
+                            steps_offset=1)
+    c.diffusion.zero_terminal_snr = True
+    with pytest.raises(UserError, match="PNDMScheduler has no rescale_betas_zero_snr"):
+        diffusers_sd.scheduler_to_diffusers_config(c)
