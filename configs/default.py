@@ -172,9 +172,16 @@ def get_config() -> ml_collections.ConfigDict:
     t.progress_bar = True
     t.task = "diffusion"  # diffusion | autoencoder: train config.autoencoder's KL autoencoder (diffax/training/autoencoder.py)
 
+    # LoRA (diffax/models/lora.py, Hu et al. 2022): low-rank adapters on the network's linear layers named in
+    # targets; only they train. Set at `diffax import-diffusers` (the step-0 checkpoint holds them) or a new run.
+    c.lora = lo = ml_collections.ConfigDict()
+    lo.rank = 0  # adapter rank r; 0 = off (the whole network trains)
+    lo.alpha = 0.0  # the update is (alpha / r) A B; 0 = alpha = r (scale 1)
+    lo.targets = ("to_q", "to_k", "to_v", "to_out")  # attribute names of the adapted nnx.Linear layers (SD attention)
+
     # Sampling (diffax/samplers): during training and for `diffax sample`
     c.sampling = s = ml_collections.ConfigDict()
-    s.sampler = "ddim"  # ddpm ddim euler heun dpm_solver pc ode flow_euler flow_heun
+    s.sampler = "ddim"  # ddpm ddim pndm euler heun dpm_solver pc ode flow_euler flow_heun
     s.steps = 50
     s.num_samples = 64  # images in the grid written during training
     s.batch_size = 256  # chunk size when drawing many samples
@@ -182,7 +189,8 @@ def get_config() -> ml_collections.ConfigDict:
     s.eta = 0.0  # DDIM
     s.spacing = "trailing"  # DDIM / DDPM timestep spacing: leading | trailing | linspace
     s.steps_offset = 0  # added to leading spacing (diffusers' steps_offset)
-    s.final_alpha_one = True  # DDIM: the last step goes to alpha = 1 (diffusers' set_alpha_to_one)
+    s.final_alpha_one = True  # DDIM / PNDM: the last step goes to alpha = 1 (diffusers' set_alpha_to_one)
+    s.skip_prk_steps = True  # PNDM: PLMS only (Stable Diffusion's); False: 3 pseudo Runge-Kutta steps first (diffusers' default)
     s.grid = "paper"  # paper | diffusers | diffusers_karras | diffusers_dynamic (flow_*): diffusers' scheduler grids
     s.shift = 1.0  # flow_euler / flow_heun: time shift s t / (1 + (s - 1) t) of the grid (Esser et al. 2024, Eq. 23)
     s.variance = "small"  # DDPM: small | large | learned

@@ -251,6 +251,23 @@ def _export_diffusers(fv: flags.FlagValues, args: list[str]) -> None:
     print(f"exported step {out['step']} of {fv.workdir} as a diffusers {out['unet']['_class_name']} in {fv.output}")
 
 
+# ----------------------------------------------------------------------------- export-lora
+def _define_export_lora(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "A LoRA run (config.lora.rank > 0).", flag_values=fv)
+    flags.DEFINE_string("output", None, "The new .safetensors file of the adapters (diffusers / PEFT naming).",
+                        flag_values=fv)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+    flags.DEFINE_bool("ema", True, "Export the EMA adapters (--noema: the raw ones).", flag_values=fv)
+
+
+def _export_lora(fv: flags.FlagValues, args: list[str]) -> None:
+    from diffax.training import importing
+
+    out = importing.export_lora(fv.workdir, fv.output, use_ema=fv.ema, step=fv.step)
+    print(f"exported the rank-{out['rank']} LoRA adapters of step {out['step']} of {fv.workdir} "
+          f"({out['tensors']} tensors) to {fv.output}")
+
+
 # ----------------------------------------------------------------------------- encode-data
 def _define_encode(fv: flags.FlagValues) -> None:
     _config_flag(fv, False)
@@ -357,6 +374,9 @@ COMMANDS = {
                 required=("src", "workdir")),
         Command("export-diffusers", "Write a run's UNet and scheduler in diffusers' format (UNet2DModel or "
                 "UNet2DConditionModel).", _define_export, _export_diffusers, required=("workdir", "output"),
+                distributed=False),
+        Command("export-lora", "Write a LoRA run's adapters as a diffusers / PEFT safetensors file "
+                "(pipe.load_lora_weights).", _define_export_lora, _export_lora, required=("workdir", "output"),
                 distributed=False),
         Command("encode-data", "Encode a config's data set once with config.autoencoder.path (a latent cache).",
                 _define_encode, _encode_data, required=("output",)),

@@ -479,7 +479,7 @@ def test_sharded_sampling_equals_single_device():
 # ----------------------------------------------------------------------------- diffusers' schedulers
 SCHEDULER_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "samplers", "diffusers_schedulers.npz")
 # one case per scheduler class by default, the other variants with -m slow
-DEFAULT_SCHEDULER_CASES = {"ddim_defaults", "euler_defaults", "heun_karras", "dpm_leading_3", "dpm_karras", "edm_euler",
+DEFAULT_SCHEDULER_CASES = {"pndm_sd", "pndm_defaults", "ddim_defaults", "euler_defaults", "heun_karras", "dpm_leading_3", "dpm_karras", "edm_euler",
                            "flow_euler_dynamic", "flow_heun"}
 SCHEDULER_CASES = [c if c in DEFAULT_SCHEDULER_CASES else pytest.param(c, marks=pytest.mark.slow)
                    for c in sorted({k.split("/")[0] for k in np.load(SCHEDULER_FIXTURE).files if "/" in k})]
@@ -512,3 +512,8 @@ def test_imported_scheduler_reproduces_diffusers(case):
     x = jax.jit(lambda n: sampler(schedule, param, fixture_model, n, jax.random.PRNGKey(0)))(jnp.asarray(ref["noise"]))
     want = ref[f"{case}/final"]
     np.testing.assert_allclose(np.asarray(x), want, rtol=0, atol=5e-6 * np.abs(want).max(), err_msg=case)
+    if case.startswith("pndm"):  # the network calls' time steps are diffusers' (repeated PLMS step, PRK midpoints)
+        from diffax.samplers.pndm import pndm_plan
+
+        plan = pndm_plan(1000, c.sampling.steps, c.sampling.spacing, c.sampling.steps_offset, c.sampling.skip_prk_steps)
+        np.testing.assert_array_equal(plan.model_idx, ref[f"{case}/timesteps"])

@@ -132,14 +132,36 @@ def test_prompt_for_an_unconditional_model_is_an_error():
         run.prompt_tokens(["a cat"])
 
 
-def test_pndm_scheduler_samples_with_ddim_on_its_grid():
-    """SD 1.x ships PNDMScheduler: imported as DDIM with its betas, spacing, offset and final alpha."""
+def test_pndm_scheduler_imports_as_pndm():
+    """SD 1.x ships PNDMScheduler (PLMS): imported as diffax's pndm sampler with its betas, spacing, offset, final
+    alpha and skip_prk_steps; DDIM's clip_sample that SD's file carries is another class's option and dropped;
+    v-prediction (which diffusers' PNDM combines as raw outputs) is an error naming it."""
     from diffax.models.diffusers import scheduler_config_to_diffax
 
     pndm = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
                 trained_betas=None, clip_sample=False)
-    diffusion, sampling = scheduler_config_to_diffax(diffusers_sd.pndm_as_ddim(pndm))
+    diffusion, sampling = scheduler_config_to_diffax(diffusers_sd.scheduler_options(pndm))
     assert diffusion["schedule"] == "scaled_linear" and diffusion["num_steps"] == 1000
-    assert sampling == dict(sampler="ddim", grid="diffusers", final_alpha_one=False, spacing="leading",
+    assert sampling == dict(sampler="pndm", final_alpha_one=False, skip_prk_steps=True, spacing="leading",
                             steps_offset=1)
+    with pytest.raises(UnsupportedDiffusersConfig, match="PNDMScheduler prediction_type='v_prediction'"):
+        scheduler_config_to_diffax(dict(diffusers_sd.scheduler_options(pndm), prediction_type="v_prediction"))
+
+
+def test_pndm_run_exports_a_pndm_scheduler():
+    """export-diffusers' scheduler_config.json of a pndm run reads back as the same sampling fields."""
+    from configs.default import get_config
+    from diffax.models.diffusers import scheduler_config_to_diffax
+
+    c = get_config()
+    c.diffusion.update(schedule="scaled_linear", num_steps=1000, prediction="eps")
+    c.sampling.update(sampler="pndm", spacing="leading", steps_offset=1, final_alpha_one=False, skip_prk_steps=False)
+    cfg = diffusers_sd.scheduler_to_diffusers_config(c)
+    assert cfg["_class_name"] == "PNDMScheduler" and "rescale_betas_zero_snr" not in cfg
+    _, sampling = scheduler_config_to_diffax(cfg)
+    assert sampling == dict(sampler="pndm", final_alpha_one=False, skip_prk_steps=False, spacing="leading",
+                            steps_offset=1)
+    c.diffusion.zero_terminal_snr = True
+    with pytest.raises(UserError, match="PNDMScheduler has no rescale_betas_zero_snr"):
+        diffusers_sd.scheduler_to_diffusers_config(c)

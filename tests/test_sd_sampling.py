@@ -1,5 +1,5 @@
 """An imported Stable Diffusion pipeline samples what diffusers' StableDiffusionPipeline draws from the same
-weights, noise, prompts, scheduler (DDIM), step count and guidance scale.
+weights, noise, prompts, scheduler (DDIM; PNDM as SD 1.x ships; Euler), step count and guidance scale.
 
 Fixture: tests/fixtures/make_sd_pipeline_fixture.py.
 """
@@ -99,10 +99,8 @@ def test_export_command_writes_a_pipeline_folder(workdir, tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-@pytest.mark.slow  # the DDIM pipeline run is the default check; Euler's grid is checked against diffusers in test_samplers.py
-def test_euler_scheduler_matches_stable_diffusion_pipeline(workdir, expected):
-    """The same pipeline with EulerDiscreteScheduler.from_config: diffusers scales the latents by init_noise_sigma
-    (sqrt(sigma_max^2 + 1)); diffax's euler sampler on diffusers' grid takes the same unit noise."""
+def _sample_with_scheduler(workdir, expected, scheduler_json: str) -> np.ndarray:
+    """The imported run sampled with another diffusers scheduler config (as the fixture's pipeline ran)."""
     import json
 
     from diffax import configuration
@@ -111,8 +109,7 @@ def test_euler_scheduler_matches_stable_diffusion_pipeline(workdir, expected):
     from diffax.training import inference
 
     config = configuration.load(os.path.join(workdir, "config.json"))
-    euler = scheduler_options(json.loads(str(expected["euler_scheduler"])))  # from_config keeps DDIM's options
-    diffusion, sampling = scheduler_config_to_diffax(euler)
+    diffusion, sampling = scheduler_config_to_diffax(scheduler_options(json.loads(scheduler_json)))
     config.diffusion.update(diffusion)
     config.sampling.update(sampling)
     config.sampling.steps, config.sampling.guidance_scale = int(expected["steps"]), float(expected["guidance_scale"])
@@ -120,4 +117,23 @@ def test_euler_scheduler_matches_stable_diffusion_pipeline(workdir, expected):
     prompts = [str(p) for p in expected["prompts"]]
     noise = expected["latents"].transpose(0, 2, 3, 1)
     images = np.asarray(run.sample_fn(jnp.asarray(noise), jax.random.key(0), jnp.asarray(run.prompt_tokens(prompts))))
-    np.testing.assert_allclose(np.clip(images / 2 + 0.5, 0, 1), expected["images_euler"], atol=1e-5, rtol=0)
+    return np.clip(images / 2 + 0.5, 0, 1)
+
+
+@pytest.mark.slow  # as Euler: the DDIM run checks the pipeline path by default, test_samplers.py PNDM itself
+def test_pndm_scheduler_matches_stable_diffusion_pipeline(workdir, expected):
+    """SD 1.x's PNDMScheduler (PLMS, skip_prk_steps, steps_offset 1, set_alpha_to_one False): 4 steps are 5 UNet
+    calls (the repeated second time step). Tolerance as the DDIM run's (1e-5 absolute on images of range 0.70);
+    the PNDM images differ from the DDIM ones by 8.9e-3, so the check separates the two samplers."""
+    ref = expected["images_pndm"]
+    assert np.abs(ref - expected["images"]).max() > 1e-3
+    got = _sample_with_scheduler(workdir, expected, str(expected["pndm_scheduler"]))
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow  # the DDIM pipeline run is the default check; Euler's grid is checked against diffusers in test_samplers.py
+def test_euler_scheduler_matches_stable_diffusion_pipeline(workdir, expected):
+    """The same pipeline with EulerDiscreteScheduler.from_config: diffusers scales the latents by init_noise_sigma
+    (sqrt(sigma_max^2 + 1)); diffax's euler sampler on diffusers' grid takes the same unit noise."""
+    got = _sample_with_scheduler(workdir, expected, str(expected["euler_scheduler"]))  # keeps DDIM's options
+    np.testing.assert_allclose(got, expected["images_euler"], atol=1e-5, rtol=0)

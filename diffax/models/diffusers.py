@@ -218,6 +218,7 @@ _SIGMAS = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_s
 SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
     "DDPMScheduler": dict(_BETAS, **_CLIP, variance_type="fixed_small"),
     "DDIMScheduler": dict(_BETAS, **_CLIP, set_alpha_to_one=True),
+    "PNDMScheduler": dict(_BETAS, skip_prk_steps=False, set_alpha_to_one=False),
     "EulerDiscreteScheduler": dict(_BETAS, **_SIGMAS, timestep_spacing="linspace", interpolation_type="linear",
                                    sigma_min=None, sigma_max=None, timestep_type="discrete", final_sigmas_type="zero"),
     "HeunDiscreteScheduler": dict(_BETAS, **_SIGMAS, beta_start=0.00085, beta_end=0.012, timestep_spacing="linspace",
@@ -291,7 +292,8 @@ def scheduler_config_to_diffax(
     timestep_spacing is 'leading', Euler's and DPM-Solver's 'linspace'), and the sampler is set to
     diffusers' grid (config.sampling.grid = diffusers / diffusers_karras), so diffax draws what the
     diffusers pipeline draws from the same weights and noise:
-    DDPMScheduler -> ddpm; DDIMScheduler -> ddim; EulerDiscreteScheduler / HeunDiscreteScheduler ->
+    DDPMScheduler -> ddpm; DDIMScheduler -> ddim; PNDMScheduler -> pndm (PLMS, or PRK + PLMS);
+    EulerDiscreteScheduler / HeunDiscreteScheduler ->
     euler / heun; DPMSolverMultistepScheduler -> dpm_solver (dpmsolver++ or sde-dpmsolver++, orders 1-3);
     EDMEulerScheduler -> euler on the edm schedule with EDM preconditioning; FlowMatchEulerDiscreteScheduler
     / FlowMatchHeunDiscreteScheduler -> flow_euler / flow_heun on rectified_flow with the flow target
@@ -323,6 +325,12 @@ def scheduler_config_to_diffax(
     if cls == "DDIMScheduler":
         return _betas_to_diffax(cls, c), dict(sampler="ddim", grid="diffusers",
                                               final_alpha_one=bool(c["set_alpha_to_one"]), **spacing)
+    if cls == "PNDMScheduler":
+        if c["prediction_type"] != "epsilon":  # diffusers combines the raw v outputs; diffax's pndm combines eps
+            raise UnsupportedDiffusersConfig(f"{cls} prediction_type={c['prediction_type']!r} is not supported (only "
+                                             "epsilon); sample with DDIMScheduler.from_config(...) instead")
+        return _betas_to_diffax(cls, c), dict(sampler="pndm", final_alpha_one=bool(c["set_alpha_to_one"]),
+                                              skip_prk_steps=bool(c["skip_prk_steps"]), **spacing)
     if cls in ("EulerDiscreteScheduler", "HeunDiscreteScheduler"):
         sampler = "euler" if cls.startswith("Euler") else "heun"
         return _betas_to_diffax(cls, c), dict(sampler=sampler, grid=grid, churn=0.0, **spacing)

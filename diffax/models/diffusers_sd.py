@@ -297,7 +297,7 @@ def load_sd_pipeline(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:
     if width != context_dim:
         raise UnsupportedDiffusersConfig(f"{text_dir} returns {width}-wide text states but the UNet's "
                                          f"cross_attention_dim is {context_dim}")
-    scheduler = scheduler_options(pndm_as_ddim(_read_json(os.path.join(src, "scheduler", SCHEDULER_NAME))))
+    scheduler = scheduler_options(_read_json(os.path.join(src, "scheduler", SCHEDULER_NAME)))
     diffusion, sampling = scheduler_config_to_diffax(scheduler)
     side = latent["image_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     overrides = ml_collections.ConfigDict(dict(
@@ -327,22 +327,6 @@ def scheduler_options(cfg: dict[str, Any]) -> dict[str, Any]:
     if foreign:
         log.info("scheduler options %s belong to another scheduler class; %s ignores them", foreign, cfg["_class_name"])
     return {k: v for k, v in cfg.items() if k not in foreign}
-
-
-def pndm_as_ddim(cfg: dict[str, Any]) -> dict[str, Any]:
-    """SD 1.x pipelines ship a PNDMScheduler (Liu et al. 2022's PLMS), which diffax does not implement: sample
-    with DDIM on the same betas, timesteps and final alpha instead, as DDIMScheduler.from_config(pndm.config)
-    does in diffusers (a warning says so). Other schedulers pass through unchanged."""
-    if cfg.get("_class_name") != "PNDMScheduler":
-        return cfg
-    from diffax.models.diffusers import SCHEDULER_DEFAULTS
-
-    log.warning("The pipeline's PNDMScheduler (PLMS) is not implemented in diffax: its run samples with DDIM on the "
-                "same betas and timesteps (--sampler / config.sampling.sampler choose another). diffusers draws the "
-                "same with DDIMScheduler.from_config(pipe.scheduler.config).")
-    ddim = SCHEDULER_DEFAULTS["DDIMScheduler"]
-    return {"_class_name": "DDIMScheduler", "clip_sample": False,
-            **{k: v for k, v in cfg.items() if k in ddim and k != "clip_sample"}}
 
 
 def load_vae_checked(vae_dir: str) -> dict[str, Any]:
@@ -452,13 +436,13 @@ def unet_to_diffusers_config(config: Any, data_shape: tuple[int, ...] | None = N
 
 _SCHEDULE_BETAS = {"linear": ("linear", 1e-4, 0.02), "scaled_linear": ("scaled_linear", 0.00085, 0.012),
                    "cosine": ("squaredcos_cap_v2", 1e-4, 0.02)}
-_SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
+_SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
                     "heun": "HeunDiscreteScheduler", "dpm_solver": "DPMSolverMultistepScheduler"}
 
 
 def scheduler_to_diffusers_config(config: Any) -> dict[str, Any]:
     """The scheduler_config.json of a run's discrete VP schedule and sampler (the inverse of
-    scheduler_config_to_diffax for DDPM / DDIM / Euler / Heun / DPM-Solver++ on linear, scaled_linear, cosine)."""
+    scheduler_config_to_diffax for DDPM / DDIM / PNDM / Euler / Heun / DPM-Solver++ on linear, scaled_linear, cosine)."""
     d, s = config.diffusion, config.sampling
     if int(d.num_steps) <= 0 or d.schedule not in _SCHEDULE_BETAS:
         raise UserError(f"config.diffusion.schedule={d.schedule!r} with num_steps={d.num_steps}: diffusers' "
@@ -477,8 +461,14 @@ def scheduler_to_diffusers_config(config: Any) -> dict[str, Any]:
     if cls in ("DDIMScheduler", "DDPMScheduler"):
         out.update(clip_sample=bool(d.clip_x0), thresholding=float(d.dynamic_threshold) > 0,
                    dynamic_thresholding_ratio=float(d.dynamic_threshold) or 0.995)
-    if cls == "DDIMScheduler":
+    if cls in ("DDIMScheduler", "PNDMScheduler"):
         out["set_alpha_to_one"] = bool(s.final_alpha_one)
+    if cls == "PNDMScheduler":
+        if bool(d.zero_terminal_snr) or d.prediction == "x0":
+            raise UserError("config.sampling.sampler='pndm': diffusers' PNDMScheduler has no rescale_betas_zero_snr "
+                            "and no x0 prediction; set config.sampling.sampler=ddim before exporting.")
+        del out["rescale_betas_zero_snr"]
+        out["skip_prk_steps"] = bool(s.get("skip_prk_steps", True))
     if cls == "DDPMScheduler":
         variances = {"small": "fixed_small", "large": "fixed_large", "learned": "learned_range"}
         out["variance_type"] = variances[str(s.variance)]

@@ -1,4 +1,4 @@
-"""Samplers: ddpm ddim euler heun dpm_solver pc ode flow_euler flow_heun, chosen by config.sampling.sampler.
+"""Samplers: ddpm ddim pndm euler heun dpm_solver pc ode flow_euler flow_heun, chosen by config.sampling.sampler.
 
 `sample` runs one batch (pure, jit it) with explicit options, `make_sampler(config)` reads
 them from a config once, `draw_samples` streams many batches; `make_denoiser` is the
@@ -13,6 +13,7 @@ from diffax.samplers import flow as _flow  # noqa: F401
 from diffax.samplers import karras as _karras  # noqa: F401
 from diffax.samplers import ode as _ode  # noqa: F401
 from diffax.samplers import pc as _pc  # noqa: F401
+from diffax.samplers import pndm as _pndm  # noqa: F401
 from diffax.samplers.base import SAMPLERS, Denoised, karras_sigmas, spacing_indices, step_grid
 from diffax.samplers.ddim import ddim_invert
 from diffax.samplers.driver import draw_samples, make_sampler, sample, sampler_options, to_uint8

@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from diffax import data, models, parameterization, schedules
+from diffax.models import lora as lora_lib
 from diffax.training import latent
 from diffax.training import text as text_lib
 
@@ -43,6 +44,7 @@ class Diffusion:
     # back in through `sampling_params`. None for every other run.
     frozen_text: Any = None
     null_embedding: Any = None  # ... and the empty prompt's embedding stored in the cache (caption dropout's null)
+    lora_scale: float = 0.0  # alpha / rank of params["lora"], the LoRA adapters (diffax/models/lora.py)
 
     def encode_text(self, params: Any, tokens: jax.Array) -> dict:
         """A text condition: tokens [B, 2, L] (ids, mask) -> {"hidden" [B, L, D], "mask" [B, L], "pooled" [B, P]
@@ -58,6 +60,12 @@ class Diffusion:
             out["pooled"] = emb.pooled
         return out
 
+    def net_params(self, params: Any) -> Any:
+        """The network's weights: params["net"], or with LoRA the frozen base plus the adapters merged in."""
+        if "lora" not in params:
+            return params["net"]
+        return lora_lib.merge(jax.lax.stop_gradient(params["net"]), params["lora"], self.lora_scale)
+
     def apply_fn(self, params: Any, dropout_key: jax.Array | None = None) -> Callable:
         """The network as apply_fn(z_in, c_noise, labels) for the diffusion math.
 
@@ -66,7 +74,7 @@ class Diffusion:
         tokens [B, 2, L], which are encoded here at every call. It reaches the network as context /
         context_mask / pooled keyword arguments.
         """
-        net = nnx.merge(self.net_graphdef, params["net"], self.net_rest)
+        net = nnx.merge(self.net_graphdef, self.net_params(params), self.net_rest)
         if self.text_graphdef is None:
             def apply(z_in, c_noise, labels=None):
                 return net(z_in, c_noise, labels, dropout_key=dropout_key)
@@ -131,6 +139,11 @@ def build(config: Any, seed: int | None = None, *, cached_text: bool | None = No
         from diffax.data.latents import read_null_embedding
 
         text = {**text, "frozen_text": frozen_text, "null_embedding": read_null_embedding(cache) if cache else None}
+    lora = {}
+    if lora_lib.enabled(config):  # adapters for the named linear layers; the base weights stay frozen
+        key = jax.random.fold_in(jax.random.key(seed), 5)
+        lora = dict(lora=lora_lib.init(net, tuple(config.lora.targets), int(config.lora.rank), key),
+                    lora_scale=lora_lib.scale_of(config.lora))
 
     image_size = shape[0] if len(shape) == 3 else None
     schedule = schedules.get_schedule(config.diffusion, image_size=image_size, seed=seed)
@@ -149,7 +162,9 @@ def build(config: Any, seed: int | None = None, *, cached_text: bool | None = No
         static_schedule=static_schedule,
         parameterization=parameterization.get_parameterization(config.diffusion),
         params={"net": net_params, "schedule": schedule_params,
-                **({"text": text_params} if text and frozen_text is None else {})},
+                **({"text": text_params} if text and frozen_text is None else {}),
+                **({"lora": lora["lora"]} if lora else {})},
+        lora_scale=lora.get("lora_scale", 0.0),
         **text,
     )
 

@@ -82,7 +82,9 @@ def export_diffusers(workdir: str, output: str, *, use_ema: bool = True, step: i
     if os.path.exists(output) and os.listdir(output):
         raise TrainingError(f"--output {output} exists and is not empty: export into a new folder.")
     run = inference.load(workdir, step=step, use_ema=use_ema)
-    net = nnx.merge(run.diffusion.net_graphdef, jax.device_get(run.params["net"]), run.diffusion.net_rest)
+    # a LoRA run: the adapters merged into the base weights, W + (alpha / r) A B
+    net = nnx.merge(run.diffusion.net_graphdef, jax.device_get(run.diffusion.net_params(run.params)),
+                    run.diffusion.net_rest)
     context_dim = int(getattr(net, "context_dim", 0) or 0)
     cfg = export_unet(net, run.config, output, context_dim=context_dim)
     config = run.config
@@ -102,3 +104,52 @@ def export_diffusers(workdir: str, output: str, *, use_ema: bool = True, step: i
             with open(os.path.join(output, "model_index.json"), "w", encoding="utf-8") as f:
                 json.dump(model_index, f, indent=2)
     return dict(step=run.step, unet=cfg)
+
+
+def export_lora(workdir: str, output: str, *, use_ema: bool = True, step: int | None = None) -> dict:
+    """Write a LoRA run's adapters (EMA unless use_ema=False) as one safetensors file in diffusers' PEFT naming,
+    `unet.<module>.lora_A.weight` [r, in] and `unet.<module>.lora_B.weight` [out, r] with <module> the
+    UNet2DConditionModel's (e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q), which
+    `pipe.load_lora_weights(output)` reads. The scale alpha / r is folded into lora_B, so the file means
+    W + B A (lora_alpha = r), and the adapter's config is stored as diffusers' `lora_adapter_metadata`."""
+    import json
+    import os
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from diffax.errors import UserError
+    from diffax.models import lora as lora_lib
+    from diffax.models.diffusers_sd import _cond_source_for
+    from diffax.training import inference
+
+    if os.path.exists(output):
+        raise TrainingError(f"--output {output} exists: write the adapters to a new file.")
+    run = inference.load(workdir, step=step, use_ema=use_ema)
+    if "lora" not in run.params:
+        raise UserError(f"{workdir} is not a LoRA run (config.lora.rank=0): use diffax export-diffusers for its UNet.")
+    net = nnx.merge(run.diffusion.net_graphdef, jax.device_get(run.params["net"]), run.diffusion.net_rest)
+    if not getattr(net, "context_dim", 0):
+        raise UserError("diffax export-lora writes adapters of a text-conditioned UNet (UNet2DConditionModel); "
+                        f"{workdir} has no cross-attention.")
+    source = _cond_source_for(dict(use_linear_projection=bool(run.config.model.use_linear_projection)))
+    flat = lora_lib.adapters(jax.device_get(run.params["lora"]))
+    scale = run.diffusion.lora_scale
+    tensors, modules = {}, []
+    for path in lora_lib.target_layers(net, tuple(run.config.lora.targets)):
+        prefix, kind = source(tuple(path) + ("kernel",))
+        if kind != "linear":
+            raise UserError(f"config.lora.targets: {'.'.join(map(str, path))} has no diffusers linear layer to adapt")
+        ab = flat[tuple(str(p) for p in path)]
+        tensors[f"unet.{prefix}.lora_A.weight"] = np.ascontiguousarray(np.asarray(ab["a"], np.float32).T)
+        tensors[f"unet.{prefix}.lora_B.weight"] = np.ascontiguousarray(scale * np.asarray(ab["b"], np.float32).T)
+        modules.append(prefix)
+    rank = int(run.config.lora.rank)
+    names = sorted({".".join(m.rsplit(".", 2)[1:]) if m.endswith(".0") else m.rsplit(".", 1)[1]
+                    for m in modules})  # to_q, to_k, to_v, to_out.0
+    # diffusers' save_lora_weights layout: the PEFT LoraConfig fields, prefixed with the component
+    metadata = {"lora_adapter_metadata": json.dumps({"unet.r": rank, "unet.lora_alpha": rank,
+                                                     "unet.target_modules": names}, sort_keys=True)}
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    save_file(tensors, output, metadata=metadata)
+    return dict(step=run.step, tensors=len(tensors), rank=rank)

@@ -36,7 +36,10 @@ def state_layout(diffusion: Diffusion, config: Any, mesh: Any) -> tuple[optax.Gr
     from diffax.training.state import make_optimizer
 
     tx = make_optimizer(config.optimizer, config.training.num_steps)
-    if "text" in diffusion.params and not diffusion.text_trainable:  # a frozen pretrained encoder: never updated
+    if "lora" in diffusion.params:  # LoRA: the optimizer sees only the adapters; everything else stays as it is
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   {k: "train" if k == "lora" else "frozen" for k in diffusion.params})
+    elif "text" in diffusion.params and not diffusion.text_trainable:  # a frozen pretrained encoder: never updated
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                    {k: "frozen" if k == "text" else "train" for k in diffusion.params})
     abstract = jax.eval_shape(lambda: init_state(diffusion, tx, len(config.training.posthoc_ema)))
