@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from diffax import data, models, parameterization, schedules
+from diffax import models, parameterization, schedules
 from diffax.models import lora as lora_lib
 from diffax.training import latent
 from diffax.training import text as text_lib
