@@ -86,6 +86,20 @@ def groupnorm_jvp(self, x):
     return y.astype(self.dtype)
 
 
+def dropout_barrier(x, rate, key):
+    """layers.dropout with the mask behind an optimization barrier: XLA computes it once instead of
+    fusing the threefry bits into (and recomputing them in) every consumer."""
+    if key is None or rate == 0.0:
+        return x
+    keep = lax.optimization_barrier(jax.random.bernoulli(key, 1.0 - rate, x.shape))
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def no_dropout(x, rate, key):
+    """Diagnostic only (changes the model): what dropout's random bits cost."""
+    return x
+
+
 def attention_einsum(q, k, v):
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
@@ -96,6 +110,8 @@ PATCHES = {
     "groupnorm_folded": (layers.GroupNorm, "__call__", groupnorm_folded),
     "groupnorm_jvp": (layers.GroupNorm, "__call__", groupnorm_jvp),
     "attention_einsum": (layers, "attention", attention_einsum),
+    "dropout_barrier": (layers, "dropout", dropout_barrier),
+    "no_dropout": (layers, "dropout", no_dropout),
 }
 OPTIONS = {
     "fast_math": {"xla_cpu_enable_fast_math": True},

@@ -104,7 +104,7 @@ class DiffaxSide:
         self.bench = Bench(config, compiler_options)
         diffusion = dataclasses.replace(self.bench.diffusion, params={**self.bench.diffusion.params, "net": net})
         self.bench.state = jax.device_put(init_state(diffusion, self.bench.tx), self.bench.state_shardings)
-        self.bench.compiled, self.compile_s = self.bench.compile_once()
+        self.compile_s = None  # the train step compiles on its first call
         sample = inference.make_sample_fn(diffusion, config, self.bench.mesh, self.bench.state_shardings.ema)
         if compiler_options != "config":  # a study: the sampler compiled with the same options
             sample = jax.jit(sample.__wrapped__, compiler_options=compiler_options)
@@ -113,6 +113,8 @@ class DiffaxSide:
         self.sample_fn = sample
 
     def train(self) -> None:
+        if self.bench.compiled is None:
+            self.bench.compiled, self.compile_s = self.bench.compile_once()
         jax.block_until_ready(self.bench.step(self.bench.batch))
 
     def sample(self) -> None:
