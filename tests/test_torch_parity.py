@@ -25,6 +25,7 @@ def side():
     return torch_parity.DiffaxSide(DDPM, batch=2, steps=2, compiler_options={"xla_backend_optimization_level": 0})
 
 
+@pytest.mark.slow  # a UNet train step and sampler compiled: ~1-3 min on 2 busy cores
 def test_diffax_side_trains_and_samples_the_imported_weights(side):
     tensors = load_file(os.path.join(DDPM, "diffusion_pytorch_model.safetensors"))
     params = side.bench.state.params["net"]
