@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import tempfile
 import time
@@ -48,9 +49,6 @@ def groupnorm_folded(self, x):
     shift = self.bias[...].astype(jnp.float32) - jnp.repeat(mean, c // self.groups, axis=-1) * scale
     y = x.astype(jnp.float32) * scale[:, None, None, :] + shift[:, None, None, :]
     return y.astype(self.dtype)
-
-
-import functools
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -173,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|")
     for n in names:
         ratios = [a / b for a, b in zip(times["today"], times[n])]
-        print(f"| {n} | {statistics.median(times[n]):.3f} | {statistics.median(cpu[n]):.3f} | {statistics.median(ratios):.3f} "
+        print(f"| {n} | {statistics.median(times[n]):.3f} | {statistics.median(cpu[n]):.3f} | "
+              f"{statistics.median(ratios):.3f} "
               f"[{min(ratios):.3f}, {max(ratios):.3f}] |", flush=True)
 
 

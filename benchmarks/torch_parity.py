@@ -33,7 +33,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import numpy as np
 
 from configs.default import get_config
 from diffax import compilation
