@@ -153,7 +153,7 @@ class GroupNorm(nnx.Module):
             return (y * scale + bias).astype(self.dtype)
         # On the CPU the normalisation and the affine are folded into one scale and shift per (example,
         # channel), as PyTorch's CPU kernel applies them: y = x * a + (bias - mean * a), a = scale / std.
-        # XLA:CPU runs this form's backward pass faster (DDPM UNet train step ~1.1x: benchmarks/torch_parity.md).
+        # XLA:CPU runs this form a little faster (DDPM UNet train step ~1.05x: benchmarks/torch_parity.md).
         a = jnp.repeat(rstd, per_group, axis=-1) * scale
         shift = bias - jnp.repeat(mean, per_group, axis=-1) * a
         per_example = (b,) + (1,) * (x.ndim - 2) + (c,)
