@@ -141,12 +141,23 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         b, c = x.shape[0], x.shape[-1]
-        g = x.astype(jnp.float32).reshape(b, -1, self.groups, c // self.groups)
-        mean = jnp.mean(g, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
-        y = ((g - mean) * lax.rsqrt(var + self.eps)).reshape(x.shape)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        per_group = c // self.groups
+        x32 = x.astype(jnp.float32)
+        g = x32.reshape(b, -1, self.groups, per_group)
+        mean = jnp.mean(g, axis=(1, 3))  # [B, groups], two passes: mean, then the variance around it
+        var = jnp.mean(jnp.square(g - mean[:, None, :, None]), axis=(1, 3))
+        rstd = lax.rsqrt(var + self.eps)
+        scale, bias = self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
+        if jax.default_backend() != "cpu":
+            y = ((g - mean[:, None, :, None]) * rstd[:, None, :, None]).reshape(x.shape)
+            return (y * scale + bias).astype(self.dtype)
+        # On the CPU the normalisation and the affine are folded into one scale and shift per (example,
+        # channel), as PyTorch's CPU kernel applies them: y = x * a + (bias - mean * a), a = scale / std.
+        # XLA:CPU runs this form a little faster (DDPM UNet train step ~1.05x: benchmarks/torch_parity.md).
+        a = jnp.repeat(rstd, per_group, axis=-1) * scale
+        shift = bias - jnp.repeat(mean, per_group, axis=-1) * a
+        per_example = (b,) + (1,) * (x.ndim - 2) + (c,)
+        return (x32 * a.reshape(per_example) + shift.reshape(per_example)).astype(self.dtype)
 
 
 def layer_norm(x: Array, eps: float = 1e-6) -> Array:
