@@ -31,6 +31,7 @@ def result(tmp_path_factory):
     return returned, saved, text
 
 
+@pytest.mark.slow  # benchmarks.run --quick end to end: ~20 s
 def test_suite_records_every_figure_with_consistent_values(result):
     returned, r, text = result
     assert json.loads(json.dumps(returned)) == r  # the file is what main() returned

@@ -133,6 +133,7 @@ def trained():
                 batch=batch, abstract=abstract, shardings=shardings)
 
 
+@pytest.mark.slow  # a 30-step fine-tune: ~50 s on 2 cores
 def test_only_the_adapters_train(trained):
     state0, state = trained["state0"], trained["state"]
     for name in ("net", "text", "schedule"):  # the base: bitwise unchanged
@@ -148,6 +149,7 @@ def test_only_the_adapters_train(trained):
     assert n_opt == 2 * n_lora
 
 
+@pytest.mark.slow  # the 30-step fine-tune fixture: ~40 s on 2 cores
 def test_lora_loss_falls(trained):
     """The loss of the fixed batch, noise and times (each step's loss is before its update) falls as only the
     adapters learn."""

@@ -163,6 +163,7 @@ def resumed(tmp):
     return {"killed": killed, "latest_after_kill": latest, "resumed": results}
 
 
+@pytest.mark.slow  # 1 process x 4 devices and 2 processes x 2 devices: ~80 s of the default suite
 def test_two_processes_give_the_losses_of_one(tmp, single, multi):
     single, multi = losses(tmp / "single"), losses(tmp / "multi")
     assert sorted(multi) == sorted(single) == list(range(2, STEPS + 1, 2))
@@ -195,6 +196,7 @@ def logs_written(paths):
     return sorted(p for p in paths if p in ("metrics.jsonl", "config.json") or p.startswith(("tb/", "samples/")))
 
 
+@pytest.mark.slow  # the 2-process run
 def test_only_process_0_writes_logs_and_samples(tmp, multi):
     (_, out0, wrote0), (_, out1, wrote1) = multi
     assert not logs_written(wrote1), f"process 1 wrote {logs_written(wrote1)}"
@@ -206,6 +208,7 @@ def test_only_process_0_writes_logs_and_samples(tmp, multi):
     assert sorted(os.listdir(workdir / "samples")) == ["step_00000004.png", "step_00000008.png"]
 
 
+@pytest.mark.slow  # the 2-process run
 def test_every_process_takes_part_in_checkpoints(tmp, multi):
     workdir = tmp / "multi"
     steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())

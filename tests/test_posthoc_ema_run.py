@@ -101,6 +101,7 @@ def check_reconstruction(workdir, step, devices=1):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the CLI over the same reconstruction the in-process tests check: ~15 s
 def test_reconstruct_command_sample_and_range_error(reference, tmp_path):
     check_reconstruction(reference, 20)
     with pytest.raises(ValueError, match=r"sigma_rel=0.005 cannot be reconstructed at step 24 .* represent sigma_rel "
@@ -123,7 +124,7 @@ def test_fsdp_over_eight_devices(reference, tmp_path):
 
 # 2 processes x 2 devices train, then reconstruct together. A snapshot and a checkpoint of the same step
 # are saved at once: this caught their Orbax barriers colliding (a hang at the last step).
-@pytest.mark.slow  # 20-50 s on 2 cores; the 2-process training itself is in test_multihost.py's default run
+@pytest.mark.slow  # 20-50 s on 2 cores; the 2-process training itself is in test_multihost.py (slow too)
 def test_two_processes(reference, tmp_path):
     from test_multihost import check_ok, launch
 

@@ -97,6 +97,7 @@ def test_guidance_is_one_batched_mix_of_prompt_and_empty_prompt(trained):
     np.testing.assert_allclose(out.x0, u.x0 + 3.0 * (c.x0 - u.x0), atol=1e-4)
 
 
+@pytest.mark.slow  # a second train-step compile: ~13 s; test_text_cache.py checks the cached step holds no encoder
 def test_a_frozen_encoder_is_not_updated(trained):
     """text_trainable=False (a pretrained encoder's default): no gradient reaches it and the optimizer
     leaves it alone, while the network trains."""

@@ -127,6 +127,7 @@ def test_sigkill_during_a_save_then_resume_reproduces_the_run(reference, tmp_pat
 # SIGTERM after the log line of step 8, while the grid of step 8 compiles: the trainer finishes the
 # step it is in (8, or 9 if the signal lands after the check of step 8), saves it with the data
 # position, waits for the save and exits 143 saying how to resume.
+@pytest.mark.slow  # ~26 s; SIGKILL resume and the preemption unit tests stay in the default suite
 def test_sigterm_saves_at_the_step_reached_and_resumes_bit_identical(reference, tmp_path):
     code, out = signal_at_line(start_diffax(toy_args(tmp_path, "--config.training.sample_every=8")),
                                f"step 8/{STEPS}", signal.SIGTERM)
@@ -204,6 +205,7 @@ def nan_args(workdir, data_path, *extra):
     ]
 
 
+@pytest.mark.slow  # ~22 s: a run poisoned mid-way and its restart
 def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     images = np.random.default_rng(0).uniform(size=(64, 8, 8, 1)).astype(np.float32)
     images[40] = np.nan
