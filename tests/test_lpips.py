@@ -15,26 +15,10 @@ import pytest
 
 from diffax.errors import UserError
 from diffax.models.lpips import load_lpips
+from fixtures.lpips_weights import random_weights
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "lpips")
 VGG_NARROW, LIN_NARROW = (os.path.join(FIXTURES, f) for f in ("vgg16_narrow.pth", "lin_narrow.pth"))
-CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-BLOCK_OF_CONV = (0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4)
-
-
-def random_weights(widths, seed):
-    """The fixture script's random_weights: the same numpy calls in the same order."""
-    rng = np.random.default_rng(seed)
-    out, cin = {}, 3
-    for index, block in zip(CONV_INDICES, BLOCK_OF_CONV):
-        cout = widths[block]
-        scale = np.float32(np.sqrt(2.0 / (9 * cin)))
-        out[f"features.{index}.weight"] = rng.standard_normal((cout, cin, 3, 3), dtype=np.float32) * scale
-        out[f"features.{index}.bias"] = rng.standard_normal((cout,), dtype=np.float32) * np.float32(0.1)
-        cin = cout
-    for k, c in enumerate(widths):
-        out[f"lin{k}.model.1.weight"] = np.abs(rng.standard_normal((1, c, 1, 1), dtype=np.float32))
-    return out
 
 
 @pytest.fixture(scope="module")
