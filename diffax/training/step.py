@@ -37,11 +37,14 @@ def state_layout(diffusion: Diffusion, config: Any, mesh: Any) -> tuple[optax.Gr
 
     tx = make_optimizer(config.optimizer, config.training.num_steps)
     if "lora" in diffusion.params:  # LoRA: the optimizer sees only the adapters; everything else stays as it is
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                                   {k: "train" if k == "lora" else "frozen" for k in diffusion.params})
+        frozen = set(diffusion.params) - {"lora"}
     elif "text" in diffusion.params and not diffusion.text_trainable:  # a frozen pretrained encoder: never updated
+        frozen = {"text"}
+    else:
+        frozen = set()
+    if frozen:
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                                   {k: "frozen" if k == "text" else "train" for k in diffusion.params})
+                                   {k: "frozen" if k in frozen else "train" for k in diffusion.params})
     abstract = jax.eval_shape(lambda: init_state(diffusion, tx, len(config.training.posthoc_ema)))
     return tx, abstract, parallel.param_sharding(mesh, abstract, config.mesh.fsdp_min_size)
 
