@@ -68,6 +68,14 @@ def sampling_shardings(diffusion: Diffusion, param_shardings: Any, mesh: Any) ->
     return {**param_shardings, "text": jax.tree.map(lambda _: parallel.replicated(mesh), diffusion.frozen_text)}
 
 
+def frozen_text_on_devices(diffusion: Diffusion, param_shardings: Any) -> Diffusion:
+    """`diffusion` with the frozen encoder of a run on cached text embeddings put on the devices once (as
+    `sampling_shardings` places it), so that each sampling call does not copy it from the host again."""
+    if diffusion.frozen_text is None:
+        return diffusion
+    return dataclasses.replace(diffusion, frozen_text=jax.device_put(diffusion.frozen_text, param_shardings["text"]))
+
+
 def default_labels(num_samples: int, num_classes: int) -> np.ndarray | None:
     """Class labels cycling 0..num_classes-1 for conditional models (None when unconditional)."""
     return (np.arange(num_samples) % num_classes).astype(np.int32) if num_classes else None
@@ -158,17 +166,16 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True, config: An
     _, abstract, shardings = state_layout(diffusion, config, mesh)
     tokenizer, null = text_tokenizer(config, workdir, diffusion)
     param_shardings = sampling_shardings(diffusion, shardings.ema, mesh)
+    diffusion = frozen_text_on_devices(diffusion, param_shardings)
     sample = make_sample_fn(diffusion, config, mesh, param_shardings, null_label=null)
-    text = {} if diffusion.frozen_text is None else jax.device_put(diffusion.frozen_text, param_shardings["text"])
-    with_text = lambda params: params if not text else {**params, "text": text}  # noqa: E731
     if ema_sigma_rel is not None:
         from diffax.training import posthoc_snapshots
 
         step, params = posthoc_snapshots.load(
             workdir, ema_sigma_rel, checkpoint.abstract_like(abstract.ema, shardings.ema),
             checkpoint.abstract_like(abstract.posthoc_ema, shardings.posthoc_ema), step)
-        return Inference(config=config, step=step, diffusion=diffusion, params=with_text(params), mesh=mesh,
-                         _sample=sample, tokenizer=tokenizer)
+        return Inference(config=config, step=step, diffusion=diffusion, params=diffusion.sampling_params(params),
+                         mesh=mesh, _sample=sample, tokenizer=tokenizer)
     steps = checkpoint.all_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"No checkpoint in {checkpoint.checkpoint_dir(workdir)}: train first, or check --workdir.")
@@ -186,7 +193,7 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True, config: An
                                 "above say why): train again, or point --workdir at another run.")
     finally:
         ckpt.close()
-    params = with_text(state.ema if use_ema else state.params)
+    params = diffusion.sampling_params(state.ema if use_ema else state.params)
     return Inference(config=config, step=step, diffusion=diffusion, params=params, mesh=mesh, _sample=sample,
                      tokenizer=tokenizer)
 

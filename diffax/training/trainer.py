@@ -76,8 +76,8 @@ class SampleGrids:
     def __init__(self, diffusion, config, mesh, workdir, param_shardings, abstract_params, *, source=None):
         self.config, self.workdir = config, workdir
         tokenizer, null = inference.text_tokenizer(config, workdir, diffusion)
-        self.diffusion = diffusion
         param_shardings = inference.sampling_shardings(diffusion, param_shardings, mesh)
+        self.diffusion = diffusion = inference.frozen_text_on_devices(diffusion, param_shardings)
         abstract_params = diffusion.sampling_params(abstract_params)
         self.sample = inference.make_sample_fn(diffusion, config, mesh, param_shardings, null_label=null)
         self.run = inference.Inference(config=config, step=0, diffusion=diffusion, params=None, mesh=mesh,
@@ -109,7 +109,7 @@ class SampleGrids:
     def __call__(self, step: int, state: TrainState) -> np.ndarray | None:
         """Write the preview of step `step` to `path(step)`; returns the picture (None on processes > 0)."""
         s = self.config.sampling
-        params = self.diffusion.sampling_params(state.ema if s.use_ema else state.params)  # the frozen encoder: copied in
+        params = self.diffusion.sampling_params(state.ema if s.use_ema else state.params)  # with the frozen encoder
         run = dataclasses.replace(self.run, step=step, params=params)
         out = run.draw(s.num_samples, self.config.seed, labels=self.tokens, progress=False)
         path = self.path(step)
