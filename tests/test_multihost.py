@@ -42,12 +42,14 @@ TOY = [
 
 # Runs `python -m diffax ARGS` after installing an audit hook that appends every path under
 # $AUDIT_ROOT opened for writing to the file $AUDIT_LOG (opened before the hook, so the hook's
-# own writes raise no events).
+# own writes raise no events). AUDIT_DELAY="NAME:SECONDS" makes the process sleep before it
+# writes any file whose name contains NAME (a slow process, on demand).
 LAUNCHER = textwrap.dedent("""
-    import os, runpy, sys
+    import os, runpy, sys, time
     root = os.path.realpath(os.environ["AUDIT_ROOT"])
     log = open(os.environ["AUDIT_LOG"], "a", buffering=1)
     WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    slow_name, _, slow_seconds = os.environ.get("AUDIT_DELAY", "").partition(":")
 
     def hook(event, args):
         if event != "open" or not isinstance(args[0], (str, bytes, os.PathLike)):
@@ -58,6 +60,8 @@ LAUNCHER = textwrap.dedent("""
         path = os.fsdecode(args[0])
         if writes and os.path.realpath(os.path.abspath(path)).startswith(root + os.sep):
             log.write(os.path.relpath(os.path.realpath(os.path.abspath(path)), root) + "\\n")
+            if slow_name and slow_name in os.path.basename(path):
+                time.sleep(float(slow_seconds))
 
     sys.addaudithook(hook)
     sys.path[0] = os.getcwd()  # as `python -m diffax` run from the repository
@@ -74,7 +78,7 @@ def free_port() -> int:
 
 def launch(tmp, workdir, processes, devices, tag, env=None, timeout=240, signal_when=None, args=None):
     """Run `diffax train` (or `diffax ARGS`) as `processes` processes of one job; returns
-    [(returncode, output, written paths)].
+    [(returncode, output, written paths)]. env: extra variables, or a list of them, one per process.
 
     signal_when=(ready, signum, process ids): send signum to those processes once ready() is true.
     """
@@ -86,7 +90,8 @@ def launch(tmp, workdir, processes, devices, tag, env=None, timeout=240, signal_
         audit = tmp / f"{tag}_writes_{i}.txt"
         environ = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                       AUDIT_ROOT=str(workdir), AUDIT_LOG=str(audit), **(env or {}))
+                       AUDIT_ROOT=str(workdir), AUDIT_LOG=str(audit),
+                       **((env[i] if isinstance(env, list) else env) or {}))
         for var in ("DIFFAX_COORDINATOR_ADDRESS", "DIFFAX_NUM_PROCESSES", "DIFFAX_PROCESS_ID"):
             environ.pop(var, None)
         if processes > 1:
@@ -251,32 +256,48 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp, multi):
             assert after[k] == pytest.approx(before[k], rel=1e-6), k
 
 
-@pytest.mark.slow  # two processes start jax and encode the digits: ~20 s idle, more on busy cores
+@pytest.mark.slow  # two processes start jax and encode the digits and their captions: ~30 s idle, more when busy
 def test_two_processes_encode_each_their_shards_of_the_cache_one_process_writes(tmp):
-    """`diffax encode-data` as 2 processes x 1 device: process p writes shards p, p + 2, ... (and process 0 the
-    meta), and the cache equals the one a single in-process encode writes."""
+    """`diffax encode-data --text_embeddings` as 2 processes x 2 devices: process p writes latent and text
+    shards p, p + 2, ... (and process 0 the meta, the null embedding and text.json, the last only once the
+    other's shards are there, though process 1 is made slow), and the cache equals the one a single
+    in-process encode writes."""
     from diffax.training.encode_data import encode_data
-    from test_latent import SD, image_config
+    from configs import digits_text
+    from test_latent import SD
+    from test_text_cache import CLIP
 
     out = tmp / "cache2"
-    results = launch(tmp, out, 2, 1, "encode", args=[
-        "encode-data", "--config", "configs/digits.py", "--config.data.channels=3",
-        f"--config.autoencoder.path={SD}", "--output", str(out), "--shard_size=512", "--batch_size=128"])
+    slow = {"AUDIT_DELAY": ".tmp-1-text-:3"}  # process 1 sleeps 3 s before writing each text shard
+    results = launch(tmp, out, 2, 2, "encode", env=[{}, slow], args=[
+        "encode-data", "--config", "configs/digits_text.py", "--config.data.channels=3",
+        f"--config.autoencoder.path={SD}", f"--config.text.encoder={CLIP}", "--text_embeddings=float32",
+        "--output", str(out), "--shard_size=512", "--batch_size=128"])
     check_ok(results)
-    shards = sorted(f for f in os.listdir(out) if f.endswith(".npz"))
     meta = json.load(open(out / "meta.json"))
-    assert len(shards) == meta["num_shards"] == -(-meta["num_examples"] // 512) >= 3  # work for both processes
-    for i, (_, _, written) in enumerate(results):
-        names = {re.sub(r"^\.tmp-\d+-", "", os.path.basename(w)) for w in written if w.endswith(".npz")}
-        assert names == set(shards[i::2])  # written as .tmp-<process>-<shard>, renamed when complete
-    assert any("meta.json" in w for w in results[0][2])  # written as meta.json.tmp, renamed
-    assert not any("meta.json" in w for w in results[1][2])
+    for prefix in ("shard-", "text-0"):
+        shards = sorted(f for f in os.listdir(out) if f.startswith(prefix) and f.endswith(".npz"))
+        assert len(shards) == meta["num_shards"] == -(-meta["num_examples"] // 512) >= 3  # work for both
+        for i, (_, _, written) in enumerate(results):
+            names = {re.sub(r"^\.tmp-\d+-", "", os.path.basename(w)) for w in written}
+            assert names & set(shards) == set(shards[i::2])  # as .tmp-<process>-<shard>, renamed when complete
+    for name in ("meta.json", "text-null.npz", "text.json"):
+        assert any(name in w for w in results[0][2])  # written as a temporary file, renamed
+        assert not any(name in w for w in results[1][2])
+    last_text_shard = max(os.path.getmtime(out / f) for f in shards)
+    assert os.path.getmtime(out / "text.json") >= last_text_shard  # complete only once every shard is
 
     one = tmp / "cache1"
-    encode_data(image_config(), str(one), shard_size=512, batch_size=128, progress=False)
-    assert sorted(f for f in os.listdir(one) if f.endswith(".npz")) == shards
-    for name in shards:
+    config = digits_text.get_config()
+    config.data.channels, config.autoencoder.path, config.text.encoder = 3, SD, CLIP
+    encode_data(config, str(one), shard_size=512, batch_size=128, progress=False, text_embeddings="float32")
+    assert sorted(os.listdir(one)) == sorted(os.listdir(out))
+    assert json.load(open(one / "text.json")) == json.load(open(out / "text.json"))
+    for name in sorted(f for f in os.listdir(out) if f.endswith(".npz")):
         a, b = np.load(out / name), np.load(one / name)
-        np.testing.assert_array_equal(a["label"], b["label"])
-        for key in ("mean", "std"):
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            if a[key].dtype.kind in "iu":  # labels, masks, caption offsets
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
+            else:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {key}")

@@ -101,12 +101,11 @@ def encode_data(config: Any, output: str, *, shard_size: int = 4096, batch_size:
         channels=int(d.channels), resize=str(d.resize), random_flip=False, dequantize=False, skip_bad=False, seed=0,
     )  # fmt: skip
     devices = jax.local_devices()
-    sharding = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
-    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    sharding, replicated = _local_shardings()
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, replicated)
     encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x), out_shardings=(sharding, sharding))
-    chunk = math.ceil(batch_size / len(devices)) * len(devices)
+    chunk = _rounded_to_devices(batch_size)
 
     p, pc = jax.process_index(), jax.process_count()
     mine = [i for i in range(p, count, pc)]
@@ -158,20 +157,21 @@ def encode_captions(config: Any, output: str, source: Any, identity: dict[str, A
 
     encoder, tokenizer = load_text_encoder(str(config.text.encoder))
     graphdef, state = nnx.split(encoder)
-
-    @jax.jit
-    def encode(state, tokens):
-        emb = nnx.merge(graphdef, state)(tokens[:, 0], tokens[:, 1])
-        return emb.hidden, emb.pooled
+    sharding, replicated = _local_shardings()
+    state = jax.device_put(state, replicated)
+    encode = jax.jit(lambda s, tokens: _hidden_and_pooled(nnx.merge(graphdef, s), tokens),
+                     out_shardings=sharding)  # fmt: skip
+    batch_size = _rounded_to_devices(batch_size)
 
     def embed(texts: list[str]) -> dict[str, np.ndarray]:
-        """Embeddings of `texts` in batches of `batch_size` (the last padded: one compiled shape)."""
+        """Embeddings of `texts` in batches of `batch_size`, split over the local devices (the last batch
+        padded: one compiled shape)."""
         tokens = text_lib.tokens_of(tokenizer, texts) if texts else np.zeros((0, 2, tokenizer.max_length), np.int32)
         parts: dict[str, list] = {"hidden": [], "mask": [], "pooled": []}
         for start in range(0, len(tokens), batch_size):
             chunk = tokens[start:start + batch_size]
             padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), 0)])
-            hidden, pooled = encode(state, padded)
+            hidden, pooled = encode(state, jax.device_put(padded, sharding))
             parts["hidden"].append(np.asarray(hidden, np.float32)[:len(chunk)].astype(dtype))
             parts["mask"].append(chunk[:, 1].astype(np.uint8))
             if pooled is not None:
@@ -200,11 +200,31 @@ def encode_captions(config: Any, output: str, source: Any, identity: dict[str, A
         captions = [list(source.captions(source.records[j])) for j in range(i * shard_size, min((i + 1) * shard_size, n))]
         offsets = np.cumsum([0] + [len(c) for c in captions]).astype(np.int64)
         _write_npz(shard, {**embed([c for cs in captions for c in cs]), "offsets": offsets})
+    if pc > 1:  # text.json marks the embeddings complete: every process's shards first
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("diffax encode-data: text shards written")
     if p == 0:  # last: a cache is one with embeddings only once they are all there
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
         os.replace(tmp, path)
+
+
+def _local_shardings() -> tuple[NamedSharding, NamedSharding]:
+    """A batch split over this process's devices, and a copy on each (each process encodes its own shards)."""
+    mesh = Mesh(np.array(jax.local_devices()), ("data",))
+    return NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+
+
+def _rounded_to_devices(batch_size: int) -> int:
+    n = jax.local_device_count()
+    return math.ceil(batch_size / n) * n
+
+
+def _hidden_and_pooled(encoder: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    emb = encoder(tokens[:, 0], tokens[:, 1])
+    return emb.hidden, emb.pooled
 
 
 def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
