@@ -301,3 +301,29 @@ def test_two_processes_encode_each_their_shards_of_the_cache_one_process_writes(
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
             else:
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {key}")
+
+
+@pytest.mark.slow  # a 2-step text run, then `diffax eval` as 2 x 2 and as 1 x 4 devices: ~2 min on busy cores
+def test_two_processes_evaluate_a_text_run_as_one_does(tmp):
+    """`diffax eval` of a digits text run as 2 processes: both take part in every sampling call (the
+    FID samples and prompt fidelity's, which only process 0 used to draw: it waited for the other
+    forever), and process 0 writes the scores that 1 process x 4 devices writes."""
+    import shutil
+
+    from diffax.training import trainer
+    from test_text_run import tiny_config
+
+    run = tmp / "text_run"
+    trainer.train(tiny_config(2), str(run))
+    args = ["--checkpoints", "latest", "--config.eval.num_samples=40", "--config.eval.batch_size=20",
+            "--config.eval.prompt_fidelity_per_digit=2", "--config.eval.metrics=('fid',)"]
+    scores = []
+    for processes, devices in ((2, 2), (1, 4)):
+        workdir = tmp / f"text_eval_{processes}x{devices}"
+        shutil.copytree(run, workdir)
+        check_ok(launch(tmp, workdir, processes, devices, f"eval{processes}",
+                        args=["eval", "--workdir", str(workdir), *args]))
+        (record,) = [json.loads(line) for line in open(workdir / "eval" / "results.jsonl")]
+        scores.append(record["metrics"])
+    assert {"prompt_fidelity_w1", "prompt_fidelity_w2", "prompt_fidelity_w4"} <= set(scores[0])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-5)

@@ -528,9 +528,10 @@ def run_eval(
                     for _ in chunks:
                         pass
                 t_sample = timer[0]
-                if is_main and prompt_fidelity.applies(config):
+                if prompt_fidelity.applies(config):  # every process samples; process 0 classifies and scores
+                    classify = prompt_fidelity.digits_classifier(config, edir) if is_main else None
                     result.update(prompt_fidelity.evaluate(
-                        workdir, s, config, prompt_fidelity.digits_classifier(config, edir),
+                        workdir, s, config, classify,
                         per_digit=int(config.eval.get("prompt_fidelity_per_digit", 50)), seed=_eval_seed(config)))
                 record = {"step": int(s), **settings, "metrics": result, "sample_time_s": round(t_sample, 3),
                           "wall_time_s": round(time.time() - t0, 3), "time": time.time()}

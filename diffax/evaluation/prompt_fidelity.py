@@ -37,26 +37,31 @@ def accuracy(predicted: np.ndarray, digits: np.ndarray) -> float:
     return float(np.mean(np.asarray(predicted) == np.asarray(digits)))
 
 
-def prompt_fidelity(draw: Callable[[float, np.ndarray, int], np.ndarray], classify: Callable[[np.ndarray], np.ndarray],
+def prompt_fidelity(draw: Callable[[float, np.ndarray, int], np.ndarray],
+                    classify: Callable[[np.ndarray], np.ndarray] | None,
                     tokens_of: Callable[[Sequence[str]], np.ndarray], *, per_digit: int, seed: int,
                     scales: Sequence[float] = SCALES) -> dict[str, float]:
     """{"prompt_fidelity_w1": acc, "prompt_fidelity_w2": ..., ...}.
 
     draw(guidance_scale, tokens [N, 2, L], seed) -> uint8 images; classify(images) -> predicted
     digits; tokens_of(prompts) tokenizes. The same seed (so the same noise) at every scale.
+    classify=None (processes other than 0 of a multi-process job): only draw, since sampling is
+    one computation over every process's devices; returns {}.
     """
     prompts, digits = digit_prompts(per_digit)
     tokens = tokens_of(prompts)
     out = {}
     for w in scales:
         images = draw(float(w), tokens, seed)
-        out[f"prompt_fidelity_w{float(w):g}"] = accuracy(classify(images), digits)
+        if classify is not None:
+            out[f"prompt_fidelity_w{float(w):g}"] = accuracy(classify(images), digits)
     return out
 
 
-def evaluate(workdir: str, step: int, config: Any, classify: Callable[[np.ndarray], np.ndarray], *,
+def evaluate(workdir: str, step: int, config: Any, classify: Callable[[np.ndarray], np.ndarray] | None, *,
              per_digit: int, seed: int, scales: Sequence[float] = SCALES) -> dict[str, float]:
-    """`prompt_fidelity` of the checkpoint at `step` of a digits text run, with config.sampling's sampler."""
+    """`prompt_fidelity` of the checkpoint at `step` of a digits text run, with config.sampling's sampler
+    (called by every process of a job; classify only on process 0)."""
     from diffax.training import inference
 
     runs: dict[float, Any] = {}
