@@ -178,6 +178,7 @@ def get_config() -> ml_collections.ConfigDict:
     lo.rank = 0  # adapter rank r; 0 = off (the whole network trains)
     lo.alpha = 0.0  # the update is (alpha / r) A B; 0 = alpha = r (scale 1)
     lo.targets = ("to_q", "to_k", "to_v", "to_out")  # attribute names of the adapted nnx.Linear layers (SD attention)
+    lo.dropout = 0.0  # dropout on the adapters' input in training (PEFT's lora_dropout); sampling uses none
 
     # Sampling (diffax/samplers): during training and for `diffax sample`
     c.sampling = s = ml_collections.ConfigDict()

@@ -9,8 +9,10 @@ to_q, to_k, to_v, to_out of the SD UNet's self- and cross-attention): every nnx.
 
 The adapters live beside the network's weights, as the nested dict {module path...: {"a": A, "b": B}} in the
 train state's params["lora"]; `merge` adds (alpha / r) A B to the base kernels before the network runs, which
-gives the same function as LoRA's side branch x W + (alpha / r) x A B (dropout on the branch's input, which
-needs the branch form, is not offered). The same merge gives the exported, merged weights.
+gives the same function as LoRA's side branch x W + (alpha / r) x A B. The same merge gives the exported, merged
+weights. Dropout on the branch's input (config.lora.dropout; PEFT's lora_dropout, used by Hu et al. 2022 on
+GPT-2, Table 11) needs the branch form: `add_branches` turns the adapted layers of a network merged for one
+training call into x W + (alpha / r) dropout(x) A B. Sampling always runs the merged form.
 """
 from __future__ import annotations
 
@@ -75,6 +77,35 @@ def adapters(lora: dict) -> dict[tuple[str, ...], dict]:
     return out
 
 
+class _Branch(nnx.Module):
+    """An adapted linear layer in LoRA's side-branch form with inverted dropout on the branch's input:
+    base(x) + scale dropout(x) A B (Hu et al. 2022, Eq. 3)."""
+
+    def __init__(self, base: nnx.Linear, a: Array, b: Array, *, scale: float, rate: float, key: Array):
+        self.base, self.scale, self.rate = base, scale, rate
+        self.a, self.b, self.key = nnx.Variable(a), nnx.Variable(b), nnx.Variable(key)
+
+    def __call__(self, x: Array) -> Array:
+        y = self.base(x)
+        keep = jax.random.bernoulli(self.key[...], 1.0 - self.rate, x.shape)
+        h = jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+        delta = (h @ self.a[...].astype(x.dtype)) @ self.b[...].astype(x.dtype)
+        return y + (self.scale * delta).astype(y.dtype)
+
+
+def add_branches(model: nnx.Module, lora: dict, scale: float, rate: float, key: Array) -> None:
+    """Replace, in place, every adapted nnx.Linear of `model` (the frozen base, merged for one call) by its side
+    branch with dropout of `rate` on the branch's input; layer i of the sorted adapters draws its mask from
+    fold_in(key, i)."""
+    for i, (path, ab) in enumerate(sorted(adapters(lora).items())):
+        parent = model
+        for k in path[:-1]:
+            parent = parent[int(k)] if k.isdigit() and not hasattr(parent, k) else getattr(parent, k)
+        branch = _Branch(getattr(parent, path[-1]), ab["a"], ab["b"], scale=scale, rate=rate,
+                         key=jax.random.fold_in(key, i))
+        setattr(parent, path[-1], branch)
+
+
 def merge(net_params: Any, lora: dict, scale: float) -> Any:
     """The base weights with every adapted kernel replaced by W + scale A B (scale = alpha / rank), in W's dtype."""
     flat = adapters(lora)
@@ -101,6 +132,14 @@ def scale_of(lora_cfg: Any) -> float:
     """alpha / rank of config.lora (Hu et al. 2022, Sec. 4.1); alpha = 0 means alpha = rank (scale 1)."""
     rank, alpha = int(lora_cfg.rank), float(lora_cfg.alpha)
     return (alpha or rank) / rank
+
+
+def dropout_of(lora_cfg: Any) -> float:
+    """config.lora.dropout, checked: a rate in [0, 1)."""
+    rate = float(lora_cfg.get("dropout", 0.0))
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"config.lora.dropout={rate}: use a rate in [0, 1) (0 = no dropout)")
+    return rate
 
 
 def enabled(config: Any) -> bool:

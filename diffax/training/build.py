@@ -45,6 +45,7 @@ class Diffusion:
     frozen_text: Any = None
     null_embedding: Any = None  # ... and the empty prompt's embedding stored in the cache (caption dropout's null)
     lora_scale: float = 0.0  # alpha / rank of params["lora"], the LoRA adapters (diffax/models/lora.py)
+    lora_dropout: float = 0.0  # dropout on the adapters' input in training (their side-branch form)
 
     def encode_text(self, params: Any, tokens: jax.Array) -> dict:
         """A text condition: tokens [B, 2, L] (ids, mask) -> {"hidden" [B, L, D], "mask" [B, L], "pooled" [B, P]
@@ -74,7 +75,12 @@ class Diffusion:
         tokens [B, 2, L], which are encoded here at every call. It reaches the network as context /
         context_mask / pooled keyword arguments.
         """
-        net = nnx.merge(self.net_graphdef, self.net_params(params), self.net_rest)
+        if self.lora_dropout and dropout_key is not None and "lora" in params:  # training with LoRA dropout
+            net = nnx.merge(self.net_graphdef, jax.lax.stop_gradient(params["net"]), self.net_rest)
+            dropout_key, lora_key = jax.random.split(dropout_key)
+            lora_lib.add_branches(net, params["lora"], self.lora_scale, self.lora_dropout, lora_key)
+        else:
+            net = nnx.merge(self.net_graphdef, self.net_params(params), self.net_rest)
         if self.text_graphdef is None:
             def apply(z_in, c_noise, labels=None):
                 return net(z_in, c_noise, labels, dropout_key=dropout_key)
@@ -143,7 +149,7 @@ def build(config: Any, seed: int | None = None, *, cached_text: bool | None = No
     if lora_lib.enabled(config):  # adapters for the named linear layers; the base weights stay frozen
         key = jax.random.fold_in(jax.random.key(seed), 5)
         lora = dict(lora=lora_lib.init(net, tuple(config.lora.targets), int(config.lora.rank), key),
-                    lora_scale=lora_lib.scale_of(config.lora))
+                    lora_scale=lora_lib.scale_of(config.lora), lora_dropout=lora_lib.dropout_of(config.lora))
 
     image_size = shape[0] if len(shape) == 3 else None
     schedule = schedules.get_schedule(config.diffusion, image_size=image_size, seed=seed)
@@ -165,6 +171,7 @@ def build(config: Any, seed: int | None = None, *, cached_text: bool | None = No
                 **({"text": text_params} if text and frozen_text is None else {}),
                 **({"lora": lora["lora"]} if lora else {})},
         lora_scale=lora.get("lora_scale", 0.0),
+        lora_dropout=lora.get("lora_dropout", 0.0),
         **text,
     )
 

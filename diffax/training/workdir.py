@@ -96,7 +96,7 @@ def check_config(workdir: str, config: Any, *, force: bool = False) -> list[str]
 
 IMPORTED_NAME = "imported.json"  # written by `diffax import-diffusers`: where the step-0 weights came from
 FINE_TUNE_FIELDS = ("data.", "optimizer.", "training.", "sampling.", "eval.", "mesh.", "seed:", "text.caption_dropout:",
-                    "model.dtype:", "model.remat:")
+                    "lora.dropout:", "model.dtype:", "model.remat:")
 
 
 def imported_untrained(workdir: str) -> bool:
