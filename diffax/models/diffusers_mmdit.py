@@ -156,7 +156,9 @@ def load_diffusers_sd3_transformer(src_dir: str) -> tuple[ml_collections.ConfigD
             overrides.diffusion, overrides.sampling = scheduler_config_to_diffax(_read_json(path))
             break
     size, channels = data_fields["image_size"], data_fields["channels"]
-    model = build_model(overrides.model, data_shape=(size, size, channels), num_classes=0, rngs=nnx.Rngs(0), **text)
+    # abstract shapes only: every parameter is then set from the checkpoint (no random init of 2B weights)
+    model = nnx.eval_shape(lambda: build_model(overrides.model, data_shape=(size, size, channels), num_classes=0,
+                                               rngs=nnx.Rngs(0), **text))
     weights = os.path.join(folder, WEIGHTS_NAME)
     try:
         tensors = load_file(weights)
