@@ -17,7 +17,8 @@ from diffax import parallel
 from diffax.errors import UserError
 from diffax.models import build_model, count_params
 from diffax.models.diffusers import UnsupportedDiffusersConfig
-from diffax.models.diffusers_mmdit import SD3_DEFAULTS, load_diffusers_sd3_transformer, load_sd3_weights, sd3_config_to_diffax
+from diffax.models.diffusers_mmdit import (SD3_DEFAULTS, load_diffusers_sd3_transformer, load_sd3_weights,
+                                          sd3_config_to_diffax)
 from diffax.models.mmdit import sd3_pos_embed
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers_mmdit")
