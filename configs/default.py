@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     tx.caption_dropout = 0.1  # fraction of captions replaced by the empty prompt, for classifier-free guidance
     tx.mask_context = True  # hide padding tokens from the UNet's cross-attention (False: Stable Diffusion's pipelines, which attend to all)
 
-    # Denoiser network (diffax/models). name: unet | dit | mlp
+    # Denoiser network (diffax/models). name: unet | dit | mmdit | mlp
     c.model = m = ml_collections.ConfigDict()
     m.name = "unet"
     m.channels = 32  # UNet base channels
@@ -84,6 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
     m.depth = 12
     m.mlp_ratio = 4.0
     m.preset = ""  # e.g. "S/2", "B/4", "XL/2" sets hidden_size, depth, heads, patch_size
+    # MMDiT (text models; also patch_size, hidden_size, depth, mlp_ratio, num_heads / head_channels above)
+    m.qk_norm = ""  # "rms_norm": RMSNorm of queries and keys per head (SD3.5)
+    m.pos_embed_max_size = 0  # > 0: SD3's centre-cropped position grid of this side (0: the image's own grid)
+    m.sample_size = 0  # with pos_embed_max_size: the input side at which grid positions are 0, 1, 2, ... (0: data's)
     # MLP (2-D toy data)
     m.hidden = 256
     m.layers = 4

@@ -139,7 +139,7 @@ def test_dit_presets_and_registry_errors():
         parse_preset("XXL/2")
     with pytest.raises(ValueError, match="config.model.name.*unet"):
         build_model(unet_cfg(name="unnet"), data_shape=SHAPE, num_classes=0, rngs=nnx.Rngs(0))
-    assert MODELS.names() == ["dit", "mlp", "unet"]
+    assert MODELS.names() == ["dit", "mlp", "mmdit", "unet"]
 
 
 # ----------------------------------------------------------------------------- embeddings

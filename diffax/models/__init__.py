@@ -1,9 +1,9 @@
-"""Denoiser networks: UNet (DDPM / ADM), DiT, MLP; and the import of diffusers UNet2DModel checkpoints.
+"""Denoiser networks: UNet (DDPM / ADM), DiT, MMDiT (SD3), MLP; and the import of diffusers UNet2DModel checkpoints.
 
 Networks take explicit keyword arguments (usable without a config); `build_model` reads
 config.model once (`model_kwargs`). Every model is called as
 model(x, c_noise, labels=None, *, context=None, context_mask=None, pooled=None, dropout_key=None) -> out
-(context / context_mask / pooled: a text model's text embedding, UNet and DiT only), with
+(context / context_mask / pooled: a text model's text embedding; UNet, DiT and MMDiT), with
 out.shape == x.shape (2C channels when config.model.learn_sigma). c_noise is a float per
 example (see diffax/parameterization.py); labels are int32 with the null label num_classes.
 """
@@ -25,11 +25,13 @@ M = TypeVar("M", bound=nnx.Module)
 
 from diffax.models.dit import DiT  # noqa: E402
 from diffax.models.mlp import MLP  # noqa: E402
+from diffax.models.mmdit import MMDiT  # noqa: E402
 from diffax.models.unet import UNet  # noqa: E402
 
 MODELS.register("unet")(UNet)
 MODELS.register("dit")(DiT)
 MODELS.register("mlp")(MLP)
+MODELS.register("mmdit")(MMDiT)
 
 
 def model_kwargs(model_cfg) -> dict:
@@ -105,4 +107,4 @@ def count_params(tree: Any, kind: type = nnx.Param) -> int:
     return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
 
 
-__all__ = ["MODELS", "build_model", "construct", "count_params", "model_kwargs", "UNet", "DiT", "MLP"]
+__all__ = ["MODELS", "build_model", "construct", "count_params", "model_kwargs", "UNet", "DiT", "MMDiT", "MLP"]

@@ -97,19 +97,20 @@ class NoiseEmbedding(nnx.Module):
 
 
 @functools.lru_cache(maxsize=16)
-def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, scale: float = 1.0) -> np.ndarray:
     """Fixed 2-D sine-cosine position embedding, [grid_h * grid_w, dim] (Peebles & Xie 2023; MAE, He et al. 2022).
 
     Half the channels embed the column index and half the row index, each as
     [sin(pos * omega), cos(pos * omega)] with omega_i = 10000^(-i / (dim / 4)): the
-    `get_2d_sincos_pos_embed` of the DiT / MAE reference code, token order row-major.
+    `get_2d_sincos_pos_embed` of the DiT / MAE reference code, token order row-major. Positions
+    are the indices times `scale` (SD3's grids: base size / grid size, diffax/models/mmdit.py).
     """
     if dim % 4:
         raise ValueError(f"the 2-D position embedding needs a width divisible by 4, got {dim}")
 
     def one_d(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+        out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64) * scale, omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
