@@ -147,6 +147,9 @@ def get_config() -> ml_collections.ConfigDict:
     df.label_dropout = 0.0  # drop labels for classifier-free guidance (Ho & Salimans 2022)
     df.clip_x0 = False  # clip predicted x0 to [-1, 1] when sampling
     df.dynamic_threshold = 0.0  # quantile in (0, 1] for dynamic thresholding (Saharia et al. 2022), e.g. 0.995; 0 = off
+    # with clip_x0 / dynamic_threshold: True = eps re-derived from the clipped x0 (guided-diffusion; diffusers'
+    # use_clipped_model_output=True); False = the network's eps kept (diffusers' DDIMScheduler default)
+    df.clip_rederives_eps = True
 
     # Optimisation (diffax/training)
     c.optimizer = o = ml_collections.ConfigDict()

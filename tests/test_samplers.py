@@ -479,7 +479,7 @@ def test_sharded_sampling_equals_single_device():
 # ----------------------------------------------------------------------------- diffusers' schedulers
 SCHEDULER_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "samplers", "diffusers_schedulers.npz")
 # one case per scheduler class by default, the other variants with -m slow
-DEFAULT_SCHEDULER_CASES = {"pndm_sd", "pndm_defaults", "ddim_defaults", "euler_defaults", "heun_karras", "dpm_leading_3", "dpm_karras", "edm_euler",
+DEFAULT_SCHEDULER_CASES = {"pndm_sd", "pndm_defaults", "ddim_defaults", "ddim_clip", "euler_defaults", "heun_karras", "dpm_leading_3", "dpm_karras", "edm_euler",
                            "flow_euler_dynamic", "flow_heun"}
 SCHEDULER_CASES = [c if c in DEFAULT_SCHEDULER_CASES else pytest.param(c, marks=pytest.mark.slow)
                    for c in sorted({k.split("/")[0] for k in np.load(SCHEDULER_FIXTURE).files if "/" in k})]

@@ -280,6 +280,7 @@ def _betas_to_diffax(cls: str, cfg: dict[str, Any]) -> dict[str, Any]:
     diffusion["clip_x0"] = bool(cfg.get("clip_sample", False))
     if cfg.get("thresholding", False):
         diffusion["dynamic_threshold"] = float(cfg["dynamic_thresholding_ratio"])
+    diffusion["clip_rederives_eps"] = False  # diffusers' steps keep the network's eps beside the clipped x0
     return diffusion
 
 

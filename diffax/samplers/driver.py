@@ -33,6 +33,7 @@ def sample(
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     clip_x0: bool = False,
     dynamic_threshold: float = 0.0,
+    clip_rederives_eps: bool = True,
     **options: Any,
 ) -> Array:
     """Draw x0 samples from standard-normal `noise` [B, ...] with the sampler `name` and its `options`.
@@ -47,6 +48,7 @@ def sample(
     denoise = make_denoiser(
         apply_fn, schedule, parameterization, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
         null_label=null_label, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
+        clip_rederives_eps=clip_rederives_eps,
     )
     return fn(lambda z, t, c_noise=None: denoise(z, t, labels, c_noise), schedule, noise, key, **options)
 
@@ -80,7 +82,8 @@ def make_sampler(config: Any) -> Callable:
     options = sampler_options(name, s)
     guidance = dict(guidance_scale=float(s.guidance_scale), clip_x0=bool(d.clip_x0),
                     guidance_interval=tuple(float(v) for v in s.guidance_interval),
-                    dynamic_threshold=float(d.dynamic_threshold))
+                    dynamic_threshold=float(d.dynamic_threshold),
+                    clip_rederives_eps=bool(d.get("clip_rederives_eps", True)))  # a run saved before the field
 
     def sampler(schedule, parameterization, apply_fn, noise, key, labels=None, *, null_label=None):
         return sample(name, schedule, parameterization, apply_fn, noise, key, labels=labels, null_label=null_label,

@@ -52,6 +52,7 @@ def make_denoiser(
     null_label: Any = None,
     clip_x0: bool = False,
     dynamic_threshold: float = 0.0,
+    clip_rederives_eps: bool = True,
 ) -> Callable:
     """The sampler's view of the network: denoise(z, t, labels=None, c_noise=None) -> Denoised, float32.
 
@@ -62,7 +63,8 @@ def make_denoiser(
     `guidance_interval` (Kynkaanniemi et al. 2024) and with w = 1 (purely conditional, one
     network call) outside it. Then x0 is clipped to [-1, 1] (`clip_x0`) or dynamically
     thresholded at the quantile `dynamic_threshold` in (0, 1] (Saharia et al. 2022), and eps
-    re-derived from it. A learned-variance model's `var_interp` is the conditional one, as GLIDE.
+    re-derived from it (guided-diffusion's DDIM), or with `clip_rederives_eps=False` the network's eps
+    kept beside the clipped x0 (diffusers' DDIMScheduler.step without use_clipped_model_output). A learned-variance model's `var_interp` is the conditional one, as GLIDE.
     For a text model `labels` are its embeddings {"hidden" [B, L, D], "mask" [B, L], "pooled" [B, P]}
     (or tokens [B, 2, L]) and `null_label` the same without B for the empty (or the negative) prompt,
     the unconditional input of text guidance (Nichol et al. 2022, GLIDE).
@@ -110,8 +112,10 @@ def make_denoiser(
             out = net(z, t, labels, c_noise)
         if clip or dynamic > 0:
             x0 = param_lib.threshold_x0(out.x0, clip=clip, dynamic=dynamic)
-            a, s = param_lib.coefficients(z, t, schedule)
-            eps = jnp.where(s > 0, (z - a * x0) / jnp.where(s > 0, s, 1.0), out.eps)
+            eps = out.eps
+            if clip_rederives_eps:
+                a, s = param_lib.coefficients(z, t, schedule)
+                eps = jnp.where(s > 0, (z - a * x0) / jnp.where(s > 0, s, 1.0), out.eps)
             out = Denoised(x0, eps, out.var_interp)
         return out
 
