@@ -73,6 +73,7 @@ def test_text_conditioning_matches_encode_prompt(expected):
     assert not np.asarray(emb.hidden[2]).any() and not np.asarray(emb.pooled[2, :16]).any()
 
 
+@pytest.mark.slow  # the import and a sampler's compile take ~90 s each on a busy 2-core machine
 def test_import_writes_an_sdxl_run(workdir):
     from diffax import configuration
 
@@ -102,7 +103,114 @@ def _sample(workdir, expected, scheduler_json=None, negative=""):
     return np.clip(images / 2 + 0.5, 0, 1)
 
 
+@pytest.mark.slow
 def test_sampling_matches_sdxl_pipeline_euler(workdir, expected):
     """StableDiffusionXLPipeline(2 prompts, latents, the folder's Euler scheduler, 4 steps, guidance 3, zeroed
     null) -> images in [0.21, 0.79]; tolerance 1e-5 absolute."""
     np.testing.assert_allclose(_sample(workdir, expected), expected["images_euler"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_sampling_matches_sdxl_pipeline_ddim_and_negative_prompt(workdir, expected):
+    """DDIMScheduler.from_config (images in [0.15, 0.76]) and Euler with a negative prompt, which the pipeline
+    encodes instead of zeroing (the images differ from the zeroed null's by more than 1e-3): within 1e-5."""
+    np.testing.assert_allclose(_sample(workdir, expected, str(expected["ddim_scheduler"])), expected["images_ddim"],
+                               atol=1e-5, rtol=0)
+    assert np.abs(expected["images_negative"] - expected["images_euler"]).max() > 1e-3
+    got = _sample(workdir, expected, negative=str(expected["negative_prompt"]))
+    np.testing.assert_allclose(got, expected["images_negative"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_sample_command_and_export(workdir, expected, tmp_path):
+    """`diffax sample --noise` gives the pipeline's images (uint8, within one level); `diffax export-diffusers`
+    writes the SDXL folders and the UNet's tensors and config options as imported."""
+    from safetensors.numpy import load_file
+
+    from diffax import cli
+
+    noise = expected["latents"].transpose(0, 2, 3, 1)
+    np.save(tmp_path / "noise.npy", noise)
+    argv = ["sample", "--workdir", workdir, "--output", str(tmp_path / "s"), "--noise", str(tmp_path / "noise.npy"),
+            "--num_samples", "2", "--steps", str(int(expected["steps"])), "--guidance_scale",
+            str(float(expected["guidance_scale"]))] + [a for p in expected["prompts"] for a in ("--prompt", str(p))]
+    cli.run(["diffax", *argv])
+    got = np.load(tmp_path / "s" / "samples.npz")["images"].astype(int)
+    assert np.abs(got - np.round(expected["images_euler"] * 255)).max() <= 1
+
+    out = tmp_path / "export"
+    cli.run(["diffax", "export-diffusers", "--workdir", workdir, "--output", str(out)])
+    assert sorted(os.listdir(out)) == ["model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer",
+                                       "tokenizer_2", "unet", "vae"]
+    got = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    want = load_file(os.path.join(PIPELINE, "unet", "diffusion_pytorch_model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    with open(out / "unet" / "config.json") as f:
+        cfg = json.load(f)
+    with open(os.path.join(PIPELINE, "unet", "config.json")) as f:
+        ref = json.load(f)
+    for key in ("down_block_types", "up_block_types", "transformer_layers_per_block", "addition_embed_type",
+                "addition_time_embed_dim", "projection_class_embeddings_input_dim", "cross_attention_dim",
+                "block_out_channels", "use_linear_projection"):
+        assert cfg[key] == ref[key], key
+    # the exported folder imports again, to the same run
+    config, _ = diffusers_sd.load_sd_pipeline(str(out))
+    assert tuple(config.model.transformer_depths) == (1, 1, 2)
+
+
+# --------------------------------------------------------------------------- unsupported variants
+
+
+def _copy(tmp_path, without: str = "") -> str:
+    dst = str(tmp_path / "pipe")
+    shutil.copytree(PIPELINE, dst, ignore=shutil.ignore_patterns(without) if without else None)
+    return dst
+
+
+def _edit_json(path: str, **changes) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    data.update(changes)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def test_refiner_is_refused(tmp_path):
+    src = _copy(tmp_path)
+    _edit_json(os.path.join(src, "model_index.json"), requires_aesthetics_score=True,
+               _class_name="StableDiffusionXLImg2ImgPipeline")
+    with pytest.raises(UnsupportedDiffusersConfig, match="refiner"):
+        diffusers_sd.load_sd_pipeline(src)
+
+
+def test_missing_second_encoder_is_named(tmp_path):
+    with pytest.raises(UserError, match="no text_encoder_2/ folder"):
+        diffusers_sd.load_sd_pipeline(_copy(tmp_path, "text_encoder_2"))
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(addition_embed_type="image"), "no SDXL added conditions"),
+    (dict(transformer_layers_per_block=[[1], [1], [2, 2]]), "transformer_layers_per_block"),
+    (dict(projection_class_embeddings_input_dim=70), "projects to 16 but the UNet's add_embedding takes 22"),
+])
+def test_unsupported_unet_options_are_named(tmp_path, changes, message):
+    src = _copy(tmp_path)
+    _edit_json(os.path.join(src, "unet", "config.json"), **changes)
+    with pytest.raises(UnsupportedDiffusersConfig, match=message):
+        diffusers_sd.load_sd_pipeline(src)
+
+
+def test_other_added_embedding_is_named():
+    with open(os.path.join(PIPELINE, "unet", "config.json")) as f:
+        cfg = json.load(f)
+    with pytest.raises(UnsupportedDiffusersConfig, match="addition_embed_type='text_image'"):
+        diffusers_sd.cond_unet_config_to_diffax({**cfg, "addition_embed_type": "text_image"})
+
+
+def test_force_zeros_false_is_refused(tmp_path):
+    src = _copy(tmp_path)
+    _edit_json(os.path.join(src, "model_index.json"), force_zeros_for_empty_prompt=False)
+    with pytest.raises(UnsupportedDiffusersConfig, match="force_zeros_for_empty_prompt"):
+        diffusers_sd.load_sd_pipeline(src)

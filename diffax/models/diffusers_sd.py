@@ -505,7 +505,8 @@ def unet_to_diffusers_config(config: Any, data_shape: tuple[int, ...] | None = N
             up_block_types=[CROSS_UP if a else "UpBlock2D" for a in up],
             mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=None,  # filled in by the caller
             attention_head_dim=_heads_option(m, widths, levels, "UNet2DConditionModel"),
-            transformer_layers_per_block=int(m.transformer_depth),
+            transformer_layers_per_block=([int(d) for d in m.transformer_depths] if m.get("transformer_depths")
+                                          else int(m.transformer_depth)),
             use_linear_projection=bool(m.use_linear_projection))
     resample = "resnet" if m.resblock_updown else "conv"
     plain_down, plain_up = "DownBlock2D", "UpBlock2D"
@@ -573,11 +574,15 @@ def export_unet(model: nnx.Module, config: Any, output: str, *, context_dim: int
     returns the UNet config.json written."""
     from safetensors.numpy import save_file
 
-    if getattr(model, "pooled_embed", None) is not None:
-        raise UserError("this UNet adds a pooled text vector to its timestep embedding (config.text.pooled=True), "
-                        "which the SD 1.x / 2.x UNet2DConditionModel has no place for; export runs trained with "
-                        "config.text.pooled=False.")
+    xl = bool(getattr(model, "time_ids_dim", 0))  # SDXL: pooled text and time ids through add_embedding
+    if getattr(model, "pooled_embed", None) is not None and not xl:
+        raise UserError("this UNet adds a pooled text vector to its timestep embedding (config.text.pooled=True) "
+                        "without SDXL's time ids, which UNet2DConditionModel has no place for; export runs trained "
+                        "with config.text.pooled=False, or SDXL runs.")
     cfg = unet_to_diffusers_config(config, data_shape)
+    if xl:
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=int(model.time_ids_dim),
+                   projection_class_embeddings_input_dim=int(model.pooled_embed.linear_1.kernel.shape[0]))
     if cfg["_class_name"] == "UNet2DConditionModel":
         cfg["cross_attention_dim"] = int(context_dim)
         source = _cond_source_for(dict(use_linear_projection=bool(config.model.use_linear_projection)))

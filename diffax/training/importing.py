@@ -92,7 +92,8 @@ def export_diffusers(workdir: str, output: str, *, use_ema: bool = True, step: i
         src = os.path.dirname(os.path.normpath(str(config.text.encoder)))
         index = os.path.join(src, "model_index.json")
         if os.path.exists(index) and os.path.normpath(str(config.autoencoder.path)) == os.path.join(src, "vae"):
-            for folder in ("vae", "text_encoder", "tokenizer"):
+            xl = bool(config.text.get("encoder_2", ""))  # SDXL: the second CLIP and its tokenizer too
+            for folder in ("vae", "text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if xl else ()):
                 shutil.copytree(os.path.join(src, folder), os.path.join(output, folder))
             shutil.copy(index, os.path.join(output, "model_index.json"))
             import json
