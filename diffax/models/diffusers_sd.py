@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x / 2.x pipeline folders: import a diffusers `UNet2DConditionModel` (and the whole
+"""Stable Diffusion 1.x / 2.x and XL pipeline folders: import a diffusers `UNet2DConditionModel` (and the whole
 pipeline around it) into diffax, and export diffax UNets back to diffusers' format. No PyTorch.
 
 UNet2DConditionModel (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
@@ -7,8 +7,14 @@ UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D / UpBlock2D is the diffax UNet (diff
 built with context_dim > 0: its attention layers are then SpatialTransformers, which keep diffusers'
 Transformer2DModel names (diffax/models/layers.py). The mapping is one tensor to one parameter;
 every tensor must be used and every option diffax does not reproduce is an error naming it
-(UnsupportedDiffusersConfig): class / addition embeddings (SDXL's added time ids), only- or dual
-cross-attention, GLIGEN, other time embeddings, per-level layer or transformer counts.
+(UnsupportedDiffusersConfig): class embeddings, addition embeddings other than SDXL's "text_time",
+only- or dual cross-attention, GLIGEN, other time embeddings, per-level layer counts, per-layer
+transformer counts.
+
+SDXL (Podell et al. 2023): per-level transformer_layers_per_block -> config.model.transformer_depths;
+addition_embed_type "text_time" -> the UNet's pooled-vector MLP (add_embedding) with its time ids embedded
+addition_time_embed_dim wide (config.model.addition_time_embed_dim); text_encoder_2/ + tokenizer_2/ ->
+config.text.encoder_2 (diffax/models/text/sdxl.py builds the pipeline's conditioning).
 
 upcast_attention (SD 2.1) only changes half-precision runs (diffusers then computes attention scores
 in float32); imported models run in float32 (config.model.dtype), where it changes nothing.
