@@ -220,3 +220,14 @@ def test_force_zeros_false_is_refused(tmp_path):
     _edit_json(os.path.join(src, "model_index.json"), force_zeros_for_empty_prompt=False)
     with pytest.raises(UnsupportedDiffusersConfig, match="force_zeros_for_empty_prompt"):
         diffusers_sd.load_sd_pipeline(src)
+
+
+def test_sdxl_text_embeddings_are_not_cached():
+    from configs.default import get_config
+    from diffax.training import text
+
+    config = get_config()
+    config.text.encoder = os.path.join(PIPELINE, "text_encoder")
+    config.text.encoder_2 = os.path.join(PIPELINE, "text_encoder_2")
+    with pytest.raises(UserError, match="SDXL run.*not cached"):
+        text.encoder_identity(config)
