@@ -29,17 +29,6 @@ def _captioned_folder(root) -> str:
     return str(root)
 
 
-def test_size_ids_are_diffusers_crop_coordinates():
-    """train_text_to_image_sdxl: resize the shorter side to the resolution, centre-crop, crop_top_left =
-    ((h' - res) // 2 rounded as its int(round(...)), (w' - res) // 2); original size before the resize."""
-    from diffax.data.pipeline import size_ids
-
-    np.testing.assert_array_equal(size_ids(24, 16, 16, "resize"), [24, 16, 4, 0])
-    np.testing.assert_array_equal(size_ids(16, 20, 16, "resize"), [16, 20, 0, 2])
-    np.testing.assert_array_equal(size_ids(32, 32, 16, "resize"), [32, 32, 0, 0])
-    np.testing.assert_array_equal(size_ids(8, 8, 16, "pad"), [8, 8, 0, 0])
-
-
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
     from configs.default import get_config

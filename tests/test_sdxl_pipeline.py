@@ -199,7 +199,8 @@ def test_missing_second_encoder_is_named(tmp_path):
 @pytest.mark.parametrize("changes,message", [
     (dict(addition_embed_type="image"), "no SDXL added conditions"),
     (dict(transformer_layers_per_block=[[1], [1], [2, 2]]), "transformer_layers_per_block"),
-    (dict(projection_class_embeddings_input_dim=70), "shape mismatch for pooled_embed/linear_1/kernel \\(from add_embedding.linear_1\\)"),
+    (dict(projection_class_embeddings_input_dim=70),
+     "shape mismatch for pooled_embed/linear_1/kernel \\(from add_embedding.linear_1\\)"),
 ])
 def test_unsupported_unet_options_are_named(tmp_path, changes, message):
     src = _copy(tmp_path)
@@ -231,3 +232,22 @@ def test_sdxl_text_embeddings_are_not_cached():
     config.text.encoder_2 = os.path.join(PIPELINE, "text_encoder_2")
     with pytest.raises(UserError, match="SDXL run.*not cached"):
         text.encoder_identity(config)
+
+
+def test_size_ids_are_diffusers_crop_coordinates():
+    """As train_text_to_image_sdxl: the original size before the resize (shorter side to the resolution), the
+    centre crop's top-left in resized pixels (24x16 -> 24x16: rows 4..20; 16x20 -> 16x20: columns 2..18)."""
+    from diffax.data.pipeline import size_ids
+
+    np.testing.assert_array_equal(size_ids(24, 16, 16, "resize"), [24, 16, 4, 0])
+    np.testing.assert_array_equal(size_ids(16, 20, 16, "resize"), [16, 20, 0, 2])
+    np.testing.assert_array_equal(size_ids(32, 32, 16, "resize"), [32, 32, 0, 0])
+    np.testing.assert_array_equal(size_ids(8, 8, 16, "pad"), [8, 8, 0, 0])
+
+
+def test_size_ids_replace_the_original_size_and_crop():
+    from diffax.models.text.sdxl import with_size_ids
+
+    pooled = np.array([[0.5, -1.0, 16, 16, 0, 0, 16, 16]], np.float32)
+    got = with_size_ids(pooled, np.array([[24, 16, 4, 0]], np.float32))
+    np.testing.assert_array_equal(np.asarray(got), [[0.5, -1.0, 24, 16, 4, 0, 16, 16]])

@@ -113,7 +113,8 @@ def fit_to_size(image: np.ndarray, size: int, mode: str, what: str) -> np.ndarra
 def size_ids(h: int, w: int, size: int, mode: str) -> np.ndarray:
     """SDXL's per-image micro-conditioning (Podell et al. 2023, sec. 2.2) for an [h, w] image that `fit_to_size`
     brings to size x size: float32 (original h, original w, crop top, crop left), the crop in resized pixels as
-    diffusers' train_text_to_image_sdxl computes it (0, 0 when nothing is cut: a padded or exact image)."""
+    diffusers' train_text_to_image_sdxl records it (0, 0 when nothing is cut: a padded or exact image). The offsets
+    are those of diffax's own crop (an odd margin: floor, where diffusers' crop rounds)."""
     top = left = 0
     if mode == "resize" and (h, w) != (size, size):
         scale = size / min(h, w)
@@ -261,7 +262,7 @@ def stack_examples(examples: list[dict[str, np.ndarray] | Skipped]) -> dict[str,
         "label": np.array([e["label"] for e in good], np.int32),
         "num_skipped": np.int64(len(bad)),
     }
-    for key in ("tokens", *TEXT_KEYS, "size_ids"):  # text models: int32 [B, 2, max_length] (ids, mask), or the embeddings
+    for key in ("tokens", *TEXT_KEYS, "size_ids"):  # text models: tokens [B, 2, L] (ids, mask), or the embeddings
         if key in good[0]:
             batch[key] = np.stack([e[key] for e in good])
     if bad:

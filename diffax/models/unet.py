@@ -98,8 +98,8 @@ class UNet(nnx.Module):
         transformer_depth: int = 1,  # BasicTransformerBlocks per cross-attention transformer (transformer_layers_per_block)
         use_linear_projection: bool = False,  # SD 2: linear proj_in / proj_out instead of 1x1 convolutions
         pooled_dim: int = 0,  # > 0: a pooled text vector of this width is added to the timestep embedding (SDXL)
-        transformer_depths: Sequence[int] = (),  # per level (the middle: the last's); () = transformer_depth everywhere
-        addition_time_embed_dim: int = 0,  # SDXL: > 0 = the pooled vector ends with 6 time ids, each embedded this wide
+        transformer_depths: Sequence[int] = (),  # per level (middle: the last's); () = transformer_depth
+        addition_time_embed_dim: int = 0,  # SDXL: > 0: pooled ends with 6 time ids, each embedded this wide
         rngs: nnx.Rngs,
     ):
         if len(data_shape) != 3:

@@ -72,6 +72,14 @@ class SDXLTextConditioner(nnx.Module):
         return TextEmbedding(hidden=hidden, pooled=jnp.concatenate([pooled, ids_row], axis=-1))
 
 
+def with_size_ids(pooled, sizes):
+    """pooled [B, P + 6] (pooled text, then the 6 time ids) with the first four time ids (original h, w, crop top,
+    left) replaced by each training image's `sizes` [B, 4] (diffax/data/pipeline.py's size_ids); the target size
+    stays (the training size)."""
+    sizes = jnp.asarray(sizes).astype(pooled.dtype)
+    return jnp.concatenate([pooled[:, :-6], sizes, pooled[:, -2:]], axis=-1)
+
+
 def time_ids_of(text_config, image_size: int) -> tuple[float, ...]:
     """config.text's original_size, crop_top_left, target_size (() = the image size) -> the 6 time ids."""
     from diffax.errors import UserError
