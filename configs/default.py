@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     tx.pooled = True  # add the pooled text vector to the timestep embedding (SDXL / SD3)
     tx.trainable = False  # pretrained encoder: train it too (the small one always trains)
     tx.caption_dropout = 0.1  # fraction of captions replaced by the empty prompt, for classifier-free guidance
+    tx.encoder_2 = ""  # SDXL: the second CLIP (text_encoder_2/); set: both encoders' penultimate states, concatenated
+    tx.original_size = ()  # SDXL micro-conditioning (h, w); () = config.data.image_size (the pipeline's default)
+    tx.crop_top_left = (0, 0)  # SDXL micro-conditioning (top, left)
+    tx.target_size = ()  # SDXL micro-conditioning (h, w); () = config.data.image_size
     tx.mask_context = True  # hide padding tokens from the UNet's cross-attention (False: Stable Diffusion's pipelines, which attend to all)
 
     # Denoiser network (diffax/models). name: unet | dit | mmdit | mlp
@@ -71,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.remat = False  # rematerialise residual blocks to save memory
     m.transformer_depth = 1  # text models (UNet): transformer blocks per cross-attention layer
     m.use_linear_projection = False  # text models (UNet): linear proj_in / proj_out (SD 2) instead of 1x1 convs
+    m.transformer_depths = ()  # text models (UNet): transformer blocks per level (SDXL); () = transformer_depth at every level
+    m.addition_time_embed_dim = 0  # SDXL UNet: width of each added time id's embedding (0 = no time ids)
     m.norm_eps = 1e-6  # GroupNorm epsilon (DDPM's TF code 1e-6; PyTorch / ADM / diffusers default 1e-5)
     m.up_attention_resolutions = None  # sides with attention in the up path; None = attention_resolutions
     m.mid_attention = True  # self-attention between the two middle residual blocks

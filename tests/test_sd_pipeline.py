@@ -78,11 +78,12 @@ def test_unsupported_component_class_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("addition_embed_type", "text_time", "addition_embed_type.*SDXL"),
+    ("addition_embed_type", "image", "addition_embed_type='image'"),
+    ("addition_embed_type", "text_time", "text_time' needs addition_time_embed_dim"),
     ("class_embed_type", "timestep", "class_embed_type"),
     ("down_block_types", ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"], "SimpleCrossAttnDownBlock2D"),
     ("only_cross_attention", True, "only_cross_attention"),
-    ("transformer_layers_per_block", [1, 2], "transformer_layers_per_block"),
+    ("transformer_layers_per_block", [[1, 1], [2]], "transformer_layers_per_block.*not per layer"),
 ])
 def test_unsupported_options_are_named(key, value, message):
     with open(os.path.join(PIPELINE, "unet", "config.json")) as f:

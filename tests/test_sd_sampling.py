@@ -34,8 +34,13 @@ def test_import_writes_a_latent_text_run(workdir):
     from diffax import configuration
 
     config = configuration.load(os.path.join(workdir, "config.json"))
-    assert config.text.encoder == os.path.join(PIPELINE, "text_encoder") and not config.text.mask_context
-    assert config.autoencoder.path == os.path.join(PIPELINE, "vae")
+    own = os.path.join(workdir, "pipeline")  # the run's own VAE and CLIP, hard-linked or copied from the pipeline
+    assert config.text.encoder == os.path.join(own, "text_encoder") and not config.text.mask_context
+    assert config.autoencoder.path == os.path.join(own, "vae")
+    for folder in ("vae", "text_encoder", "tokenizer"):
+        for name in os.listdir(os.path.join(PIPELINE, folder)):
+            with open(os.path.join(PIPELINE, folder, name), "rb") as a, open(os.path.join(own, folder, name), "rb") as b:
+                assert a.read() == b.read(), name
     assert config.data.image_size == 16 and config.data.channels == 3  # 8x8 latents, VAE factor 2
     assert (config.diffusion.schedule, config.sampling.sampler, config.sampling.steps_offset) == ("scaled_linear",
                                                                                                  "ddim", 1)

@@ -31,7 +31,7 @@ from diffax.data.sources import BadImageError, Source
 RESIZE_MODES = ("pad", "resize")
 # what a batch holds ("tokens": text models; "text_*": a text run on a cache's stored embeddings)
 TEXT_KEYS = ("text_hidden", "text_mask", "text_pooled")
-BATCH_KEYS = ("image", "label", "tokens", *TEXT_KEYS)
+BATCH_KEYS = ("image", "label", "tokens", *TEXT_KEYS, "size_ids")  # size_ids: SDXL's (orig h, w, crop top, left)
 _ENDLESS = 2**62  # length of the index range behind an endless stream
 
 
@@ -110,6 +110,18 @@ def fit_to_size(image: np.ndarray, size: int, mode: str, what: str) -> np.ndarra
     return image[top : top + size, left : left + size]
 
 
+def size_ids(h: int, w: int, size: int, mode: str) -> np.ndarray:
+    """SDXL's per-image micro-conditioning (Podell et al. 2023, sec. 2.2) for an [h, w] image that `fit_to_size`
+    brings to size x size: float32 (original h, original w, crop top, crop left), the crop in resized pixels as
+    diffusers' train_text_to_image_sdxl records it (0, 0 when nothing is cut: a padded or exact image). The offsets
+    are those of diffax's own crop (an odd margin: floor, where diffusers' crop rounds)."""
+    top = left = 0
+    if mode == "resize" and (h, w) != (size, size):
+        scale = size / min(h, w)
+        top, left = (max(size, round(h * scale)) - size) // 2, (max(size, round(w * scale)) - size) // 2
+    return np.asarray([h, w, top, left], np.float32)
+
+
 def to_model_range(image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
     """Maps an image to float32 in [-1, 1] (Ho et al., 2020, Sec. 3.3).
 
@@ -157,6 +169,7 @@ class ExampleTransform:
     tokenizer: Callable[[Any], tuple[np.ndarray, np.ndarray]] | None = None  # texts -> (ids, mask)
     # a cache's stored embeddings (Source.caption_embeddings), read instead of tokens when given
     caption_embeddings: Callable[[Any], dict] | None = None
+    size_ids: bool = False  # SDXL runs: also "size_ids", each image's original size and crop (`size_ids`)
 
     def __call__(self, index: int, record: Any) -> dict[str, np.ndarray] | Skipped:
         example = self._example(index, record)
@@ -196,6 +209,7 @@ class ExampleTransform:
             return {"image": sample_latent(image, rng, *self.latent_scaling), "label": np.int32(label)}
         what = self.describe(record)
         image = convert_channels(image, self.channels, what)
+        sizes = size_ids(*image.shape[:2], self.image_size, self.resize) if self.size_ids else None
         image = fit_to_size(image, self.image_size, self.resize, what)
         rng = None
         if self.random_flip or self.dequantize:
@@ -203,7 +217,7 @@ class ExampleTransform:
         if self.random_flip and rng.random() < 0.5:
             image = image[:, ::-1]
         image = to_model_range(image, rng if self.dequantize else None)
-        return {"image": image, "label": np.int32(label)}
+        return {"image": image, "label": np.int32(label), **({"size_ids": sizes} if sizes is not None else {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +262,7 @@ def stack_examples(examples: list[dict[str, np.ndarray] | Skipped]) -> dict[str,
         "label": np.array([e["label"] for e in good], np.int32),
         "num_skipped": np.int64(len(bad)),
     }
-    for key in ("tokens", *TEXT_KEYS):  # text models: int32 [B, 2, max_length] (ids, mask), or the embeddings
+    for key in ("tokens", *TEXT_KEYS, "size_ids"):  # text models: tokens [B, 2, L] (ids, mask), or the embeddings
         if key in good[0]:
             batch[key] = np.stack([e[key] for e in good])
     if bad:
@@ -369,6 +383,7 @@ def build_dataset(config, source: Source, *, process_index: int, process_count: 
                 captions=source.captions if tokenizer is not None else None,
                 tokenizer=tokenizer,
                 caption_embeddings=source.caption_embeddings if text_embeddings else None,
+                size_ids=bool(config.text.get("encoder_2", "")) and tokenizer is not None and source.kind == "image",
             )
         )
         ds = ds.batch(local_batch, drop_remainder=True, batch_fn=stack_examples)[process_index::process_count]

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x / 2.x pipeline folders: import a diffusers `UNet2DConditionModel` (and the whole
+"""Stable Diffusion 1.x / 2.x and XL pipeline folders: import a diffusers `UNet2DConditionModel` (and the whole
 pipeline around it) into diffax, and export diffax UNets back to diffusers' format. No PyTorch.
 
 UNet2DConditionModel (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
@@ -7,8 +7,14 @@ UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D / UpBlock2D is the diffax UNet (diff
 built with context_dim > 0: its attention layers are then SpatialTransformers, which keep diffusers'
 Transformer2DModel names (diffax/models/layers.py). The mapping is one tensor to one parameter;
 every tensor must be used and every option diffax does not reproduce is an error naming it
-(UnsupportedDiffusersConfig): class / addition embeddings (SDXL's added time ids), only- or dual
-cross-attention, GLIGEN, other time embeddings, per-level layer or transformer counts.
+(UnsupportedDiffusersConfig): class embeddings, addition embeddings other than SDXL's "text_time",
+only- or dual cross-attention, GLIGEN, other time embeddings, per-level layer counts, per-layer
+transformer counts.
+
+SDXL (Podell et al. 2023): per-level transformer_layers_per_block -> config.model.transformer_depths;
+addition_embed_type "text_time" -> the UNet's pooled-vector MLP (add_embedding) with its time ids embedded
+addition_time_embed_dim wide (config.model.addition_time_embed_dim); text_encoder_2/ + tokenizer_2/ ->
+config.text.encoder_2 (diffax/models/text/sdxl.py builds the pipeline's conditioning).
 
 upcast_attention (SD 2.1) only changes half-precision runs (diffusers then computes attention scores
 in float32); imported models run in float32 (config.model.dtype), where it changes nothing.
@@ -37,6 +43,7 @@ from flax import nnx
 
 from diffax.errors import UserError
 from diffax.models import build_model
+from diffax.models.unet import NUM_TIME_IDS
 from diffax.models.diffusers import (
     CONFIG_NAME,
     SCHEDULER_NAME,
@@ -75,14 +82,13 @@ UNET2D_CONDITION_DEFAULTS: dict[str, Any] = dict(
 _ONLY: dict[str, Any] = dict(
     center_input_sample=False, only_cross_attention=False, mid_block_scale_factor=1, act_fn="silu",
     reverse_transformer_layers_per_block=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
-    dual_cross_attention=False, class_embed_type=None, addition_embed_type=None, addition_time_embed_dim=None,
+    dual_cross_attention=False, class_embed_type=None,
     num_class_embeds=None, resnet_skip_time_act=False, resnet_out_scale_factor=1.0, time_embedding_type="positional",
     time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3, conv_out_kernel=3,
-    projection_class_embeddings_input_dim=None, attention_type="default", class_embeddings_concat=False,
+    attention_type="default", class_embeddings_concat=False,
     cross_attention_norm=None, mid_block_type="UNetMidBlock2DCrossAttn",
 )
 _WHY = {
-    "addition_embed_type": "SDXL's pooled text and added time ids are not imported (SD 1.x / 2.x only)",
     "class_embed_type": "class embeddings are not mapped", "num_class_embeds": "class embeddings are not mapped",
     "mid_block_type": "only UNetMidBlock2DCrossAttn",
 }
@@ -149,7 +155,15 @@ def cond_unet_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], int
         raise UnsupportedDiffusersConfig(f"out_channels={c['out_channels']} differs from in_channels="
                                          f"{c['in_channels']}")
     layers = int(_one(c["layers_per_block"], "layers_per_block", n))
-    depth = int(_one(c["transformer_layers_per_block"], "transformer_layers_per_block", n))
+    depth = c["transformer_layers_per_block"]
+    if isinstance(depth, (list, tuple)):
+        if len(depth) != n or any(isinstance(d, (list, tuple)) for d in depth):
+            raise UnsupportedDiffusersConfig(f"UNet2DConditionModel option transformer_layers_per_block={list(depth)} "
+                                             f"is not supported: one count per level ({n}) is mapped, not per layer")
+        depths = tuple(int(d) for d in depth)
+    else:
+        depths = (int(depth),) * n
+    added = _added_conditions(c)
     context_dim = int(_one(c["cross_attention_dim"], "cross_attention_dim", n))
 
     attn_down = [size >> i for i, name in enumerate(downs) if name == CROSS_DOWN]
@@ -176,16 +190,46 @@ def cond_unet_config_to_diffax(cfg: dict[str, Any]) -> tuple[dict[str, Any], int
         resblock_updown=False, scale_shift_norm=c["resnet_time_scale_shift"] == "scale_shift",
         norm_groups=int(c["norm_num_groups"]), norm_eps=float(c["norm_eps"]),
         downsample_padding=int(c["downsample_padding"]), learn_sigma=False, embedding="sinusoidal",
-        flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=float(c["freq_shift"]), transformer_depth=depth,
+        flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=float(c["freq_shift"]), transformer_depth=depths[-1],
+        transformer_depths=depths if len(set(depths)) > 1 else (), addition_time_embed_dim=added,
         use_linear_projection=bool(c["use_linear_projection"]), dtype="float32", param_dtype="float32", remat=False,
     )
     return model, context_dim, dict(image_size=int(size), channels=int(c["in_channels"]))
+
+
+def _added_conditions(c: dict[str, Any]) -> int:
+    """addition_embed_type: None (SD 1.x / 2.x) -> 0, or SDXL's "text_time" -> addition_time_embed_dim."""
+    kind = c["addition_embed_type"]
+    if kind is None:
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if c[key] is not None:
+                raise UnsupportedDiffusersConfig(f"UNet2DConditionModel option {key}={c[key]!r} without "
+                                                 "addition_embed_type is not supported")
+        return 0
+    if kind != "text_time":
+        raise UnsupportedDiffusersConfig(f"UNet2DConditionModel option addition_embed_type={kind!r} is not supported "
+                                         "(only SDXL's 'text_time': pooled text and added time ids)")
+    dim, total = c["addition_time_embed_dim"], c["projection_class_embeddings_input_dim"]
+    if not dim or not total or int(total) <= NUM_TIME_IDS * int(dim):
+        raise UnsupportedDiffusersConfig(f"addition_embed_type='text_time' needs addition_time_embed_dim and "
+                                         f"projection_class_embeddings_input_dim > 6 x it (got {dim}, {total})")
+    return int(dim)
+
+
+def added_pooled_dim(cfg: dict[str, Any]) -> int:
+    """SDXL: the pooled text width the UNet's add_embedding expects (projection_class_embeddings_input_dim minus
+    the 6 embedded time ids); 0 for a UNet without added conditions."""
+    c = {**UNET2D_CONDITION_DEFAULTS, **cfg}
+    dim = _added_conditions(c)
+    return int(c["projection_class_embeddings_input_dim"]) - NUM_TIME_IDS * dim if dim else 0
 
 
 def cond_source(path: tuple, *, linear_projection: bool) -> tuple[str, str]:
     """diffax UNet parameter path -> (UNet2DConditionModel tensor prefix, leaf kind): the UNet2DModel names of
     diffax/models/diffusers.py, with Transformer2DModel names below each attentions.N."""
     p = list(path)
+    if p[0] == "pooled_embed":  # SDXL's add_embedding (TimestepEmbedding: linear_1, SiLU, linear_2)
+        return f"add_embedding.{p[1]}", "linear"
     if p[0] == "mid_attn":
         prefix, rest = "mid_block.attentions.0", p[1:]
     elif p[0] in ("down", "up") and p[2] == "attn":
@@ -217,10 +261,14 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
 def load_cond_unet(unet_dir: str) -> tuple[dict[str, Any], int, dict[str, Any], nnx.Module]:
     """A UNet2DConditionModel folder -> (config.model fields, cross_attention_dim, latent data fields, diffax UNet
     with its weights). Tensors that do not match the config are errors naming them."""
-    model_fields, context_dim, data_fields = cond_unet_config_to_diffax(_read_json(os.path.join(unet_dir, CONFIG_NAME)))
+    cfg = _read_json(os.path.join(unet_dir, CONFIG_NAME))
+    model_fields, context_dim, data_fields = cond_unet_config_to_diffax(cfg)
     shape = (data_fields["image_size"], data_fields["image_size"], data_fields["channels"])
+    pooled = added_pooled_dim(cfg)
+    pooled_dim = pooled + NUM_TIME_IDS if pooled else 0  # SDXL: the pooled text, then the 6 time ids
     model = nnx.eval_shape(lambda: build_model(ml_collections.ConfigDict(model_fields), data_shape=shape,
-                                               num_classes=0, rngs=nnx.Rngs(0), context_dim=context_dim))
+                                               num_classes=0, rngs=nnx.Rngs(0), context_dim=context_dim,
+                                               pooled_dim=pooled_dim))
     weights = os.path.join(unet_dir, WEIGHTS_NAME)
     try:
         load_weights(model, _read_weights(weights), source=_cond_source_for(model_fields), what="UNet")
@@ -251,8 +299,9 @@ def is_sd_pipeline(src: str) -> bool:
     return _component_class(src, "unet") == "UNet2DConditionModel"
 
 
-def check_pipeline(src: str) -> None:
-    """A pipeline folder must hold every component diffax needs, each of a class it reads."""
+def check_pipeline(src: str) -> bool:
+    """A pipeline folder must hold every component diffax needs, each of a class it reads. Returns whether it is
+    an SDXL pipeline (its UNet takes SDXL's added conditions; text_encoder_2/ and tokenizer_2/ beside)."""
     if not os.path.isdir(os.path.join(src, "unet")) and os.path.exists(os.path.join(src, CONFIG_NAME)):
         raise UserError(f"{src} is a UNet2DConditionModel folder, not a pipeline: a text-to-image run also needs the "
                         "vae/, text_encoder/, tokenizer/ and scheduler/ beside it. Pass the pipeline folder.")
@@ -265,10 +314,32 @@ def check_pipeline(src: str) -> None:
         if classes and cls is not None and cls not in classes:
             raise UnsupportedDiffusersConfig(f"{os.path.join(src, 'model_index.json')}: {folder} is a {cls}, which "
                                              f"diffax does not read (supported: {', '.join(classes)})")
-    extra = _component_class(src, "text_encoder_2")
-    if extra is not None or os.path.isdir(os.path.join(src, "text_encoder_2")):
-        raise UnsupportedDiffusersConfig(f"{src} has a second text encoder (text_encoder_2/: SDXL or SD3); diffax "
-                                         "imports Stable Diffusion 1.x / 2.x pipelines (one CLIP text encoder)")
+    index = os.path.join(src, "model_index.json")
+    info = _read_json(index) if os.path.exists(index) else {}
+    if info.get("requires_aesthetics_score") or info.get("_class_name", "").startswith("StableDiffusionXLImg2Img"):
+        raise UnsupportedDiffusersConfig(f"{index}: an SDXL refiner / img2img pipeline (requires_aesthetics_score, "
+                                         "aesthetic-score time ids) is not imported; diffax imports the SDXL base "
+                                         "pipeline (StableDiffusionXLPipeline)")
+    unet_cfg = _read_json(os.path.join(src, "unet", CONFIG_NAME))
+    xl = unet_cfg.get("addition_embed_type") == "text_time"
+    has_2 = _component_class(src, "text_encoder_2") is not None or os.path.isdir(os.path.join(src, "text_encoder_2"))
+    if has_2 and not xl:
+        raise UnsupportedDiffusersConfig(f"{src} has a second text encoder (text_encoder_2/) but its UNet has no SDXL "
+                                         "added conditions (addition_embed_type='text_time'); diffax imports SD 1.x / "
+                                         "2.x (one CLIP) and SDXL pipelines")
+    if xl:
+        for folder, classes in (("text_encoder_2", ("CLIPTextModelWithProjection",)),
+                                ("tokenizer_2", PIPELINE_COMPONENTS["tokenizer"])):
+            if not os.path.isdir(os.path.join(src, folder)):
+                raise UserError(f"{src} has no {folder}/ folder: an SDXL pipeline (its UNet's addition_embed_type is "
+                                "'text_time') needs text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/")
+            cls = _component_class(src, folder)
+            if cls is not None and cls not in classes:
+                raise UnsupportedDiffusersConfig(f"{index}: {folder} is a {cls}; SDXL's is a {classes[0]}")
+        if info.get("force_zeros_for_empty_prompt", True) is not True:
+            raise UnsupportedDiffusersConfig(f"{index}: force_zeros_for_empty_prompt=false is not supported (diffax's "
+                                             "SDXL null condition is the zeroed embeddings of the default, true)")
+    return xl
 
 
 def load_sd_pipeline(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:
@@ -284,33 +355,55 @@ def load_sd_pipeline(src: str) -> tuple[ml_collections.ConfigDict, nnx.Module]:
     from diffax.models.text.pretrained import load_text_encoder, read_config
 
     src = os.path.abspath(src)
-    check_pipeline(src)
+    xl = check_pipeline(src)
     model_fields, context_dim, latent, model = load_cond_unet(os.path.join(src, "unet"))
     vae = load_vae_checked(os.path.join(src, "vae"))
     if vae["latent_channels"] != latent["channels"]:
         raise UnsupportedDiffusersConfig(f"{src}: the VAE has {vae['latent_channels']} latent channels but the UNet "
                                          f"takes {latent['channels']}")
     text_dir = os.path.join(src, "text_encoder")
-    load_text_encoder(text_dir)  # its weights and tokenizer are read at every build; checked here once
-    text_config = read_config(text_dir)
-    width = int((text_config.get("text_config") or text_config).get("hidden_size", 0))
-    if width != context_dim:
-        raise UnsupportedDiffusersConfig(f"{text_dir} returns {width}-wide text states but the UNet's "
-                                         f"cross_attention_dim is {context_dim}")
+    side = latent["image_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    if xl:
+        text = sdxl_text_checked(src, context_dim, added_pooled_dim(_read_json(os.path.join(src, "unet", CONFIG_NAME))))
+    else:
+        load_text_encoder(text_dir)  # its weights and tokenizer are read at every build; checked here once
+        text_config = read_config(text_dir)
+        width = int((text_config.get("text_config") or text_config).get("hidden_size", 0))
+        if width != context_dim:
+            raise UnsupportedDiffusersConfig(f"{text_dir} returns {width}-wide text states but the UNet's "
+                                             f"cross_attention_dim is {context_dim}")
+        text = dict(encoder=text_dir, pooled=False)
     scheduler = scheduler_options(_read_json(os.path.join(src, "scheduler", SCHEDULER_NAME)))
     diffusion, sampling = scheduler_config_to_diffax(scheduler)
-    side = latent["image_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     overrides = ml_collections.ConfigDict(dict(
         model=model_fields,
         data=dict(image_size=side, channels=int(vae["in_channels"]), resize="resize",
                   conditional=False),
         autoencoder=dict(path=os.path.join(src, "vae")),
-        text=dict(encoder=text_dir, pooled=False, mask_context=False, trainable=False),
+        text=dict(text, mask_context=False, trainable=False),
         diffusion=diffusion,
-        sampling=dict(sampling, guidance_scale=7.5),
+        sampling=dict(sampling, guidance_scale=5.0 if xl else 7.5),  # the pipelines' defaults
         optimizer=dict(learning_rate=1e-5),  # a fine-tuning rate (diffusers' train_text_to_image examples)
     ))
     return overrides, model
+
+
+def sdxl_text_checked(src: str, context_dim: int, pooled: int) -> dict[str, Any]:
+    """SDXL's two CLIPs checked against the UNet (loaded once here, so a bad folder fails at import); returns the
+    config.text fields of the run (diffax/models/text/sdxl.py)."""
+    from diffax.models.text.sdxl import load_sdxl_conditioner
+
+    first, second = os.path.join(src, "text_encoder"), os.path.join(src, "text_encoder_2")
+    encoder, _ = load_sdxl_conditioner(first, second, (0.0,) * NUM_TIME_IDS)
+    if encoder.hidden_size != context_dim:
+        raise UnsupportedDiffusersConfig(f"{first} and {second} return {encoder.first.hidden_size} + "
+                                         f"{encoder.second.hidden_size} wide text states but the UNet's "
+                                         f"cross_attention_dim is {context_dim}")
+    if encoder.second.pooled_size != pooled:
+        raise UnsupportedDiffusersConfig(f"{second} projects to {encoder.second.pooled_size} but the UNet's "
+                                         f"add_embedding takes {pooled} pooled features "
+                                         "(projection_class_embeddings_input_dim - 6 x addition_time_embed_dim)")
+    return dict(encoder=first, encoder_2=second, pooled=True)
 
 
 def scheduler_options(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -418,7 +511,8 @@ def unet_to_diffusers_config(config: Any, data_shape: tuple[int, ...] | None = N
             up_block_types=[CROSS_UP if a else "UpBlock2D" for a in up],
             mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=None,  # filled in by the caller
             attention_head_dim=_heads_option(m, widths, levels, "UNet2DConditionModel"),
-            transformer_layers_per_block=int(m.transformer_depth),
+            transformer_layers_per_block=([int(d) for d in m.transformer_depths] if m.get("transformer_depths")
+                                          else int(m.transformer_depth)),
             use_linear_projection=bool(m.use_linear_projection))
     resample = "resnet" if m.resblock_updown else "conv"
     plain_down, plain_up = "DownBlock2D", "UpBlock2D"
@@ -486,11 +580,15 @@ def export_unet(model: nnx.Module, config: Any, output: str, *, context_dim: int
     returns the UNet config.json written."""
     from safetensors.numpy import save_file
 
-    if getattr(model, "pooled_embed", None) is not None:
-        raise UserError("this UNet adds a pooled text vector to its timestep embedding (config.text.pooled=True), "
-                        "which the SD 1.x / 2.x UNet2DConditionModel has no place for; export runs trained with "
-                        "config.text.pooled=False.")
+    xl = bool(getattr(model, "time_ids_dim", 0))  # SDXL: pooled text and time ids through add_embedding
+    if getattr(model, "pooled_embed", None) is not None and not xl:
+        raise UserError("this UNet adds a pooled text vector to its timestep embedding (config.text.pooled=True) "
+                        "without SDXL's time ids, which UNet2DConditionModel has no place for; export runs trained "
+                        "with config.text.pooled=False, or SDXL runs.")
     cfg = unet_to_diffusers_config(config, data_shape)
+    if xl:
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=int(model.time_ids_dim),
+                   projection_class_embeddings_input_dim=int(model.pooled_embed.linear_1.kernel.shape[0]))
     if cfg["_class_name"] == "UNet2DConditionModel":
         cfg["cross_attention_dim"] = int(context_dim)
         source = _cond_source_for(dict(use_linear_projection=bool(config.model.use_linear_projection)))

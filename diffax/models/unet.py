@@ -17,7 +17,11 @@ head_channels=64, attention at (32, 16, 8), num_classes > 0.
 Text models (context_dim > 0): every attention layer is instead a cross-attention transformer
 (layers.SpatialTransformer, diffusers' Transformer2DModel; Rombach et al. 2022) attending to the
 text states passed as `context`; with pooled_dim > 0 a pooled text vector is added to the
-timestep embedding (SDXL's add_embedding, Podell et al. 2023).
+timestep embedding (SDXL's add_embedding, Podell et al. 2023). With addition_time_embed_dim > 0
+the pooled vector's last 6 entries are SDXL's micro-conditioning (original size, crop top-left,
+target size), each embedded sinusoidally (diffusers' add_time_proj) before the add_embedding MLP.
+transformer_depths gives the transformer blocks per level (SDXL: 0, 2, 10; the middle takes the
+last level's).
 """
 from __future__ import annotations
 
@@ -94,6 +98,8 @@ class UNet(nnx.Module):
         transformer_depth: int = 1,  # BasicTransformerBlocks per cross-attention transformer (transformer_layers_per_block)
         use_linear_projection: bool = False,  # SD 2: linear proj_in / proj_out instead of 1x1 convolutions
         pooled_dim: int = 0,  # > 0: a pooled text vector of this width is added to the timestep embedding (SDXL)
+        transformer_depths: Sequence[int] = (),  # per level (middle: the last's); () = transformer_depth
+        addition_time_embed_dim: int = 0,  # SDXL: > 0: pooled ends with 6 time ids, each embedded this wide
         rngs: nnx.Rngs,
     ):
         if len(data_shape) != 3:
@@ -114,9 +120,13 @@ class UNet(nnx.Module):
         attn_kw = dict(groups=int(norm_groups), eps=float(norm_eps), **kw)
         context_dim = int(context_dim)
 
-        def attention(c: int) -> nnx.Module:  # self-attention, or a text cross-attention transformer
+        depths = tuple(int(d) for d in transformer_depths) or (int(transformer_depth),) * len(channel_mult)
+        if len(depths) != len(channel_mult):
+            raise ValueError(f"transformer_depths={depths} needs one entry per level of channel_mult={channel_mult}")
+
+        def attention(c: int, level: int) -> nnx.Module:  # self-attention, or a text cross-attention transformer
             if context_dim > 0:
-                return layers.SpatialTransformer(c, nheads(c), context_dim, depth=int(transformer_depth),
+                return layers.SpatialTransformer(c, nheads(c), context_dim, depth=depths[level],
                                                  linear_projection=bool(use_linear_projection),
                                                  groups=int(norm_groups), rngs=rngs, **kw)
             return layers.AttentionBlock(c, nheads(c), rngs=rngs, **attn_kw)
@@ -129,7 +139,10 @@ class UNet(nnx.Module):
         self.label_embed = (
             nnx.Embed(num_classes + 1, emb_dim, param_dtype=pdt, rngs=rngs) if num_classes > 0 else None
         )
-        self.pooled_embed = PooledEmbedding(int(pooled_dim), emb_dim, rngs=rngs, **kw) if pooled_dim else None
+        self.time_ids_dim = int(addition_time_embed_dim)
+        self.flip_sin_to_cos, self.freq_shift = bool(flip_sin_to_cos), float(freq_shift)
+        added = int(pooled_dim) + (NUM_TIME_IDS * (self.time_ids_dim - 1) if self.time_ids_dim else 0)
+        self.pooled_embed = PooledEmbedding(added, emb_dim, rngs=rngs, **kw) if pooled_dim else None
         self.context_dim = context_dim
         self.conv_in = layers.Conv(in_ch, ch, 3, rngs=rngs, **kw)
 
@@ -139,7 +152,7 @@ class UNet(nnx.Module):
             blocks, attns = [], []
             for _ in range(int(num_res_blocks)):
                 blocks.append(layers.ResBlock(cur, out, emb_dim, rngs=rngs, **res_kw))
-                attns.append(attention(out) if res in attn_down else None)
+                attns.append(attention(out, level) if res in attn_down else None)
                 cur = out
                 skips.append(cur)
             resample = None
@@ -154,7 +167,7 @@ class UNet(nnx.Module):
         self.down = nnx.List(down)
 
         self.mid_res1 = layers.ResBlock(cur, cur, emb_dim, rngs=rngs, **res_kw)
-        self.mid_attn = attention(cur) if mid_attention else None
+        self.mid_attn = attention(cur, len(mult) - 1) if mid_attention else None
         self.mid_res2 = layers.ResBlock(cur, cur, emb_dim, rngs=rngs, **res_kw)
 
         up = []
@@ -163,7 +176,7 @@ class UNet(nnx.Module):
             blocks, attns = [], []
             for _ in range(int(num_res_blocks) + 1):
                 blocks.append(layers.ResBlock(cur + skips.pop(), out, emb_dim, rngs=rngs, **res_kw))
-                attns.append(attention(out) if res in attn_up else None)
+                attns.append(attention(out, level) if res in attn_up else None)
                 cur = out
             resample = None
             if level != 0:
@@ -185,6 +198,8 @@ class UNet(nnx.Module):
         """Noise-level (and class, and pooled text) embedding [B, 4 * channels]."""
         c_noise = jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), (batch,))
         emb = self.time_mlp2(jax.nn.silu(self.time_mlp1(self.embed(c_noise).astype(self.dtype))))
+        if self.time_ids_dim and pooled is not None:
+            pooled = embed_time_ids(pooled, self.time_ids_dim, self.flip_sin_to_cos, self.freq_shift)
         emb = add_pooled_embedding(emb, self.pooled_embed, pooled)
         return add_label_embedding(emb, self.label_embed, self.num_classes, labels, batch)
 
@@ -251,6 +266,19 @@ class PooledEmbedding(nnx.Module):
 
     def __call__(self, pooled: Array) -> Array:
         return self.linear_2(jax.nn.silu(self.linear_1(pooled)))
+
+
+NUM_TIME_IDS = 6  # SDXL's micro-conditioning: original (h, w), crop (top, left), target (h, w)
+
+
+def embed_time_ids(pooled: Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> Array:
+    """[B, P + 6] (pooled text, then SDXL's time ids) -> [B, P + 6 * dim]: each id embedded sinusoidally,
+    as diffusers' add_time_proj (Timesteps with the UNet's flip_sin_to_cos / freq_shift), then flattened."""
+    from diffax.models.embeddings import timestep_embedding
+
+    text, ids = pooled[:, :-NUM_TIME_IDS], pooled[:, -NUM_TIME_IDS:].astype(jnp.float32)
+    emb = timestep_embedding(ids.reshape(-1), dim, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift)
+    return jnp.concatenate([text.astype(jnp.float32), emb.reshape(ids.shape[0], -1)], axis=-1)
 
 
 def add_pooled_embedding(emb: Array, table: PooledEmbedding | None, pooled: Array | None) -> Array:

@@ -56,7 +56,7 @@ class Diffusion:
         ids, mask = tokens[:, 0], tokens[:, 1]
         with jax.named_scope("text_encoder"):
             emb = encoder(ids, mask)
-        out = {"hidden": emb.hidden, "mask": mask}
+        out = {"hidden": emb.hidden, "mask": mask[:, :emb.hidden.shape[1]]}  # SDXL's pair of tokenizers: 2L ids
         if emb.pooled is not None:
             out["pooled"] = emb.pooled
         return out
@@ -187,11 +187,18 @@ def build_text(config: Any, seed: int) -> dict:
         raise ValueError(f"config.text.encoder={t.encoder!r} and config.data.conditional=True ({n_classes} classes): "
                          "a model is conditioned on text or on class labels, not both; set one of them off.")
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 3))
-    encoder, tokenizer = text_models.make_encoder(
-        str(t.encoder), vocab_size=int(t.vocab_size), max_length=int(t.max_length), width=int(t.width),
-        depth=int(t.depth), heads=int(t.heads), rngs=rngs)
-    null = (tokenizer or text_models.WordTokenizer(text_models.small.SPECIALS, int(t.max_length)))
-    null_tokens = text_lib.tokens_of(null, [""])[0]
+    if t.get("encoder_2", ""):  # SDXL: two CLIPs and the micro-conditioning (diffax/models/text/sdxl.py)
+        from diffax.models.text import sdxl
+
+        encoder, tokenizer = sdxl.load_sdxl_conditioner(
+            str(t.encoder), str(t.encoder_2), sdxl.time_ids_of(t, int(config.data.image_size)))
+        null_tokens = tokenizer.null()  # force_zeros_for_empty_prompt
+    else:
+        encoder, tokenizer = text_models.make_encoder(
+            str(t.encoder), vocab_size=int(t.vocab_size), max_length=int(t.max_length), width=int(t.width),
+            depth=int(t.depth), heads=int(t.heads), rngs=rngs)
+        null = (tokenizer or text_models.WordTokenizer(text_models.small.SPECIALS, int(t.max_length)))
+        null_tokens = text_lib.tokens_of(null, [""])[0]
     probe = jnp.asarray(null_tokens[None])
     emb = jax.eval_shape(lambda: encoder(probe[:, 0], probe[:, 1]))
     pooled = bool(t.pooled) and emb.pooled is not None

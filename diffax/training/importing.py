@@ -32,13 +32,15 @@ def import_diffusers(src_dir: str, workdir: str, base_config: Any) -> Any:
 
     The model, image size and (from scheduler_config.json) the schedule and
     sampler come from the diffusers checkpoint (for a Stable Diffusion pipeline also the
-    autoencoder and text encoder, read in place from the pipeline folder, which must stay);
+    autoencoder and text encoder(s), copied into <workdir>/pipeline by `own_components`);
     everything else (data source, optimizer, training length) from `base_config`. Weights and EMA both start
     as the imported weights. Returns the resolved config.
     """
     if checkpoint.latest_step(workdir) is not None:
         raise TrainingError(f"{workdir!r} already holds checkpoints; import into a new --workdir.")
     overrides, model = load_any(src_dir)  # a Stable Diffusion pipeline, or a UNet2DModel folder
+    if "text" in overrides:  # a Stable Diffusion pipeline: the run keeps its own VAE and text encoders
+        own_components(overrides, workdir, copy=jax.process_index() == 0)
     config = ml_collections.ConfigDict(base_config.to_dict())
     merge(config, overrides)
     prepare_workdir(workdir, config)
@@ -68,6 +70,41 @@ def import_diffusers(src_dir: str, workdir: str, base_config: Any) -> Any:
     return config
 
 
+PIPELINE_DIR = "pipeline"  # <workdir>/pipeline: an imported Stable Diffusion pipeline's VAE, text encoders, tokenizers
+
+
+def own_components(overrides: ml_collections.ConfigDict, workdir: str, copy: bool = True) -> None:
+    """Put the pipeline folders an imported run reads (vae/, text_encoder*/, tokenizer*/, model_index.json) in
+    <workdir>/pipeline, hard-linked where the file system allows (else copied), and point the run's config at
+    them, so the run no longer needs the pipeline folder it came from. copy=False: the paths only (other hosts)."""
+    import os
+    import shutil
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(src, dst)
+
+    text = overrides.text
+    src = os.path.dirname(os.path.normpath(str(text.encoder)))
+    dst = os.path.join(os.path.abspath(workdir), PIPELINE_DIR)
+    xl = bool(text.get("encoder_2", ""))
+    folders = ("vae", "text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if xl else ())
+    if copy:
+        os.makedirs(dst, exist_ok=True)
+        for folder in folders:
+            if os.path.isdir(os.path.join(src, folder)):
+                shutil.copytree(os.path.join(src, folder), os.path.join(dst, folder), copy_function=link_or_copy,
+                                dirs_exist_ok=True)
+        if os.path.exists(os.path.join(src, "model_index.json")):
+            link_or_copy(os.path.join(src, "model_index.json"), os.path.join(dst, "model_index.json"))
+    overrides.autoencoder.path = os.path.join(dst, "vae")
+    text.encoder = os.path.join(dst, "text_encoder")
+    if xl:
+        text.encoder_2 = os.path.join(dst, "text_encoder_2")
+
+
 def export_diffusers(workdir: str, output: str, *, use_ema: bool = True, step: int | None = None) -> dict:
     """Write the run's UNet (EMA weights unless use_ema=False) as <output>/unet and its scheduler as
     <output>/scheduler in diffusers' format (UNet2DModel, or UNet2DConditionModel for a text run).
@@ -92,7 +129,8 @@ def export_diffusers(workdir: str, output: str, *, use_ema: bool = True, step: i
         src = os.path.dirname(os.path.normpath(str(config.text.encoder)))
         index = os.path.join(src, "model_index.json")
         if os.path.exists(index) and os.path.normpath(str(config.autoencoder.path)) == os.path.join(src, "vae"):
-            for folder in ("vae", "text_encoder", "tokenizer"):
+            xl = bool(config.text.get("encoder_2", ""))  # SDXL: the second CLIP and its tokenizer too
+            for folder in ("vae", "text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if xl else ()):
                 shutil.copytree(os.path.join(src, folder), os.path.join(output, folder))
             shutil.copy(index, os.path.join(output, "model_index.json"))
             import json

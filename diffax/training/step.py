@@ -139,6 +139,10 @@ def _diffusion_value_and_grad(diffusion: Diffusion, config: Any) -> Callable:
             cond = labels
             if diffusion.null_tokens is not None and not cached:  # the encoder runs once per step
                 cond = diffusion.encode_text(params, labels)
+                if "size_ids" in batch:  # SDXL: each image's original size and crop replace the config's time ids
+                    from diffax.models.text.sdxl import with_size_ids
+
+                    cond = {**cond, "pooled": with_size_ids(cond["pooled"], batch["size_ids"])}
             per_example, aux = loss_fn(apply, diffusion.schedule(params), batch["image"], noise_key, cond)
             return jnp.mean(per_example), aux
 

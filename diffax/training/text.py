@@ -110,6 +110,9 @@ def encoder_identity(config: Any) -> dict[str, Any]:
                         f"(config.text.encoder={t.encoder!r}): its embeddings change every step. Drop "
                         "--text_embeddings (the cache keeps the captions, which such a run tokenizes), or use a "
                         "frozen transformers CLIP / T5 folder.")
+    if t.get("encoder_2", ""):
+        raise UserError("Text embeddings of an SDXL run (config.text.encoder_2) are not cached: its pooled vector "
+                        "carries each image's size ids. Drop --text_embeddings (the cache keeps the captions).")
     folder = str(t.encoder)
     index = os.path.join(folder, pretrained.WEIGHTS_INDEX)
     if os.path.exists(os.path.join(folder, pretrained.WEIGHTS_FILE)):
