@@ -109,6 +109,11 @@ def no_dropout(x, rate, key):
     return x
 
 
+def norm_silu_autodiff(norm, x, rate=0.0, key=None):
+    """Before the closed-form CPU derivative (layers._norm_silu_cpu): the three layers differentiated by JAX."""
+    return layers.dropout(jax.nn.silu(norm(x)), rate, key)
+
+
 def attention_einsum(q, k, v):
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
@@ -122,6 +127,7 @@ PATCHES = {
     "attention_einsum": (layers, "attention", attention_einsum),
     "dropout_barrier": (layers, "dropout", dropout_barrier),
     "no_dropout": (layers, "dropout", no_dropout),
+    "norm_silu_autodiff": (layers, "norm_silu", norm_silu_autodiff),
 }
 OPTIONS = {
     "fast_math": {"xla_cpu_enable_fast_math": True},

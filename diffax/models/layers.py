@@ -6,6 +6,7 @@ GroupNorm32). Dropout is pure: it is applied only when a key is passed.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -160,6 +161,82 @@ class GroupNorm(nnx.Module):
         return (x32 * a.reshape(per_example) + shift.reshape(per_example)).astype(self.dtype)
 
 
+def norm_silu(norm: GroupNorm, x: Array, rate: float = 0.0, key: Array | None = None) -> Array:
+    """dropout(silu(norm(x)), rate, key): the UNet's GroupNorm -> SiLU (-> dropout) pairs.
+
+    On the CPU through `_norm_silu_cpu`, whose closed-form derivative makes XLA:CPU compute the GroupNorm
+    backward's sums once per (example, channel) (see there); other backends trace the three layers as written.
+    """
+    if jax.default_backend() != "cpu":
+        return dropout(jax.nn.silu(norm(x)), rate, key)
+    keep = None if key is None or rate == 0.0 else jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    y = _norm_silu_cpu(x, norm.scale[...], norm.bias[...], keep, norm.groups, norm.eps, float(rate))
+    return y.astype(norm.dtype)
+
+
+def _norm_silu_forward(x, scale, bias, keep, groups, eps, rate):
+    """GroupNorm folded as GroupNorm.__call__ on the CPU, SiLU, dropout's mask; float32 throughout."""
+    b, c = x.shape[0], x.shape[-1]
+    per_group = c // groups
+    x32 = x.astype(jnp.float32)
+    g = x32.reshape(b, -1, groups, per_group)
+    mean = jnp.mean(g, axis=(1, 3))
+    var = jnp.mean(jnp.square(g - mean[:, None, :, None]), axis=(1, 3))
+    rstd = lax.rsqrt(var + eps)  # [B, groups]
+    a = jnp.repeat(rstd, per_group, axis=-1) * scale.astype(jnp.float32)  # [B, C]
+    shift = bias.astype(jnp.float32) - jnp.repeat(mean, per_group, axis=-1) * a
+    per_example = (b,) + (1,) * (x.ndim - 2) + (c,)
+    y = x32 * a.reshape(per_example) + shift.reshape(per_example)
+    out = jax.nn.silu(y)
+    if keep is not None:
+        out = jnp.where(keep, out / (1.0 - rate), jnp.zeros_like(out))
+    return out, (x32, y, mean, rstd, a, per_example)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _norm_silu_cpu(x, scale, bias, keep, groups, eps, rate):
+    return _norm_silu_forward(x, scale, bias, keep, groups, eps, rate)[0]
+
+
+@_norm_silu_cpu.defjvp
+def _norm_silu_cpu_jvp(groups, eps, rate, primals, tangents):
+    """Closed-form GroupNorm derivative (Wu & He 2018, eq. 1-2, differentiated as in Ioffe & Szegedy 2015,
+    sec. 3): with xhat = (x - mean) * rstd per (example, group) of N values,
+
+        d xhat = rstd * (dx - mean_g(dx) - xhat * mean_g(dx * xhat)),
+        d y = scale * d xhat + xhat * dscale + dbias,   d out = silu'(y) * keep / (1 - rate) * d y,
+
+    written through the per-(example, channel) sums over positions P1 = sum dx and P2 = sum dx * xhat.
+    JAX's transpose of this linear map is the backward PyTorch's CPU kernel runs: two sums per (example,
+    channel) of the incoming gradient (alone and times xhat), which also give dscale and dbias, then one
+    elementwise pass; autodiff of the forward instead fuses the elementwise chain into several separate
+    reductions and recomputes it in each (benchmarks/torch_parity.md).
+    """
+    x, scale, bias, keep = primals
+    dx, dscale, dbias = tangents[:3]
+    out, (x32, y, mean, rstd, a, per_example) = _norm_silu_forward(x, scale, bias, keep, groups, eps, rate)
+    b, c = x.shape[0], x.shape[-1]
+    per_group = c // groups
+    n = x32.size // (b * groups)  # values per (example, group)
+    rep = lambda t: jnp.repeat(t, per_group, axis=-1)  # noqa: E731  [B, groups] -> [B, C]
+    group_sum = lambda t: t.reshape(b, groups, per_group).sum(-1)  # noqa: E731  [B, C] -> [B, groups]
+    xhat = (x32 - rep(mean).reshape(per_example)) * rep(rstd).reshape(per_example)
+    dx32 = dx.astype(jnp.float32)
+    p1 = jnp.sum(dx32.reshape(b, -1, c), axis=1)  # [B, C]
+    p2 = jnp.sum((dx32 * xhat).reshape(b, -1, c), axis=1)
+    s32 = scale.astype(jnp.float32)
+    k1 = rep(rstd * group_sum(p1) / n) * s32  # [B, C]: scale * rstd * mean_g(dx)
+    k2 = rep(rstd * group_sum(p2) / n) * s32
+    dscale_b = jnp.broadcast_to(dscale.astype(jnp.float32), (b, c)) - k2
+    dbias_b = jnp.broadcast_to(dbias.astype(jnp.float32), (b, c)) - k1
+    dy = dx32 * a.reshape(per_example) + xhat * dscale_b.reshape(per_example) + dbias_b.reshape(per_example)
+    sig = jax.nn.sigmoid(y)
+    dact = sig * (1.0 + y * (1.0 - sig))  # silu'(y)
+    if keep is not None:
+        dact = jnp.where(keep, dact / (1.0 - rate), jnp.zeros_like(dact))
+    return out, dy * dact
+
+
 def layer_norm(x: Array, eps: float = 1e-6) -> Array:
     """LayerNorm without affine parameters (DiT's norm before adaLN modulation), float32 statistics."""
     x32 = x.astype(jnp.float32)
@@ -299,21 +376,20 @@ class ResBlock(nnx.Module):
         self.dropout = float(dropout)
 
     def __call__(self, x: Array, emb: Array | None = None, dropout_key: Array | None = None) -> Array:
-        h = jax.nn.silu(self.norm1(x))
+        h = norm_silu(self.norm1, x)
         if self.resample == "down":
             h, x = downsample_avg(h), downsample_avg(x)
         elif self.resample == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
         h = self.conv1(h)
-        if self.temb is None:
-            h = self.norm2(h)
-        elif self.scale_shift_norm:
+        if self.scale_shift_norm and self.temb is not None:
             e = self.temb(jax.nn.silu(emb))[:, None, None, :]
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = self.norm2(h) * (1 + scale) + shift
+            h = dropout(jax.nn.silu(self.norm2(h) * (1 + scale) + shift), self.dropout, dropout_key)
         else:
-            h = self.norm2(h + self.temb(jax.nn.silu(emb))[:, None, None, :])
-        h = dropout(jax.nn.silu(h), self.dropout, dropout_key)
+            if self.temb is not None:
+                h = h + self.temb(jax.nn.silu(emb))[:, None, None, :]
+            h = norm_silu(self.norm2, h, self.dropout, dropout_key)
         h = self.conv2(h)
         if self.skip is not None:
             x = self.skip(x)
