@@ -114,6 +114,41 @@ def norm_silu_autodiff(norm, x, rate=0.0, key=None):
     return layers.dropout(jax.nn.silu(norm(x)), rate, key)
 
 
+def norm_silu_barrier(norm, x, rate=0.0, key=None):
+    """layers.norm_silu with dropout's mask behind an optimization barrier (values bit-identical): XLA computes
+    the threefry bits once instead of in every fusion that reads the mask."""
+    if key is None or rate == 0.0:
+        return layers.norm_silu(norm, x)
+    keep = lax.optimization_barrier(jax.random.bernoulli(key, 1.0 - rate, x.shape))
+    y = layers._norm_silu_cpu(x, norm.scale[...], norm.bias[...], keep, norm.groups, norm.eps, float(rate))
+    return y.astype(norm.dtype)
+
+
+def dropout_rbg(x, rate, key):
+    """Diagnostic (changes the random numbers): dropout's mask from XLA's RngBitGenerator (`rbg` keys)
+    instead of threefry; the rbg key's data drawn from the threefry key."""
+    if key is None or rate == 0.0:
+        return x
+    rbg = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+    keep = jax.random.bernoulli(rbg, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def norm_silu_rbg(norm, x, rate=0.0, key=None):
+    """layers.norm_silu with dropout_rbg's mask (diagnostic: changes the random numbers)."""
+    if key is None or rate == 0.0:
+        return layers.norm_silu(norm, x)
+    rbg = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+    keep = jax.random.bernoulli(rbg, 1.0 - rate, x.shape)
+    y = layers._norm_silu_cpu(x, norm.scale[...], norm.bias[...], keep, norm.groups, norm.eps, float(rate))
+    return y.astype(norm.dtype)
+
+
+def add_bias_autodiff(y, bias):
+    """Before layers.add_channel_bias's custom derivative: the conv bias gradient as XLA's reduce."""
+    return y + bias
+
+
 def attention_einsum(q, k, v):
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
@@ -128,6 +163,10 @@ PATCHES = {
     "dropout_barrier": (layers, "dropout", dropout_barrier),
     "no_dropout": (layers, "dropout", no_dropout),
     "norm_silu_autodiff": (layers, "norm_silu", norm_silu_autodiff),
+    "norm_silu_barrier": (layers, "norm_silu", norm_silu_barrier),
+    "norm_silu_rbg": (layers, "norm_silu", norm_silu_rbg),
+    "add_bias_autodiff": (layers, "add_channel_bias", add_bias_autodiff),
+    "scan_unroll2": (jax.lax, "scan", functools.partial(jax.lax.scan, unroll=2)),
 }
 OPTIONS = {
     "fast_math": {"xla_cpu_enable_fast_math": True},

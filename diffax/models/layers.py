@@ -7,6 +7,7 @@ GroupNorm32). Dropout is pure: it is applied only when a key is passed.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -96,7 +97,26 @@ class Conv(nnx.Module):
             stride=self.stride,
             padding=self.padding,
         )
-        return y + self.bias[...].astype(self.dtype)
+        return add_channel_bias(y, self.bias[...].astype(self.dtype))
+
+
+def add_channel_bias(y: Array, bias: Array) -> Array:
+    """y [..., C] + bias [C]. On the CPU with a derivative whose transpose sums the gradient over all other
+    axes as a dot with ones (`broadcast_by_dot`) instead of XLA:CPU's slower reduce; same values."""
+    if jax.default_backend() != "cpu":
+        return y + bias
+    return _add_bias_cpu(y, bias)
+
+
+@jax.custom_jvp
+def _add_bias_cpu(y: Array, bias: Array) -> Array:
+    return y + bias
+
+
+@_add_bias_cpu.defjvp
+def _add_bias_cpu_jvp(primals, tangents):
+    (y, bias), (dy, dbias) = primals, tangents
+    return y + bias, dy + broadcast_by_dot(dbias, y.shape)
 
 
 def linear(
@@ -198,6 +218,26 @@ def _norm_silu_cpu(x, scale, bias, keep, groups, eps, rate):
     return _norm_silu_forward(x, scale, bias, keep, groups, eps, rate)[0]
 
 
+def broadcast_by_dot(t: Array, shape: tuple[int, ...]) -> Array:
+    """t [B, C] broadcast over the positions of `shape` [B, *P, C] (t [C]: over all of B, *P) as an outer
+    product with ones (a dot, in float32). Values are exact (1 * t); the point is the transpose: JAX
+    differentiates it into a dot with ones, which XLA:CPU runs 3-4x faster than its reduce over the
+    positions with the gradient's elementwise producer fused in (benchmarks/torch_parity.md)."""
+    t32 = t.astype(jnp.float32)
+    if t.ndim == 1:
+        out = jnp.einsum("n,c->nc", jnp.ones((math.prod(shape[:-1]),), jnp.float32), t32)
+    else:
+        out = jnp.einsum("bp,bc->bpc", jnp.ones((shape[0], math.prod(shape[1:-1])), jnp.float32), t32)
+    return out.reshape(shape).astype(t.dtype)
+
+
+def sum_by_dot(t: Array) -> Array:
+    """t [B, *P, C] summed over the positions P -> [B, C], as a batched dot with ones (XLA:CPU runs it faster
+    than its reduce; the transpose is an outer product, `broadcast_by_dot`'s form)."""
+    t = t.reshape(t.shape[0], -1, t.shape[-1])
+    return jnp.einsum("bp,bpc->bc", jnp.ones(t.shape[:2], t.dtype), t)
+
+
 @_norm_silu_cpu.defjvp
 def _norm_silu_cpu_jvp(groups, eps, rate, primals, tangents):
     """Closed-form GroupNorm derivative (Wu & He 2018, eq. 1-2, differentiated as in Ioffe & Szegedy 2015,
@@ -206,11 +246,10 @@ def _norm_silu_cpu_jvp(groups, eps, rate, primals, tangents):
         d xhat = rstd * (dx - mean_g(dx) - xhat * mean_g(dx * xhat)),
         d y = scale * d xhat + xhat * dscale + dbias,   d out = silu'(y) * keep / (1 - rate) * d y,
 
-    written through the per-(example, channel) sums over positions P1 = sum dx and P2 = sum dx * xhat.
-    JAX's transpose of this linear map is the backward PyTorch's CPU kernel runs: two sums per (example,
-    channel) of the incoming gradient (alone and times xhat), which also give dscale and dbias, then one
-    elementwise pass; autodiff of the forward instead fuses the elementwise chain into several separate
-    reductions and recomputes it in each (benchmarks/torch_parity.md).
+    written through the per-(example, channel) sums over positions P1 = sum dx and P2 = sum dx * xhat and
+    per-(example, channel) terms broadcast by `broadcast_by_dot`. JAX's transpose of this linear map is the
+    backward PyTorch's CPU kernel runs: two sums per (example, channel) of the incoming gradient (alone and
+    times xhat; dots with ones), which also give dscale and dbias, then one elementwise pass.
     """
     x, scale, bias, keep = primals
     dx, dscale, dbias = tangents[:3]
@@ -222,14 +261,14 @@ def _norm_silu_cpu_jvp(groups, eps, rate, primals, tangents):
     group_sum = lambda t: t.reshape(b, groups, per_group).sum(-1)  # noqa: E731  [B, C] -> [B, groups]
     xhat = (x32 - rep(mean).reshape(per_example)) * rep(rstd).reshape(per_example)
     dx32 = dx.astype(jnp.float32)
-    p1 = jnp.sum(dx32.reshape(b, -1, c), axis=1)  # [B, C]
-    p2 = jnp.sum((dx32 * xhat).reshape(b, -1, c), axis=1)
+    p1 = sum_by_dot(dx32)  # [B, C]
+    p2 = sum_by_dot(dx32 * xhat)
     s32 = scale.astype(jnp.float32)
     k1 = rep(rstd * group_sum(p1) / n) * s32  # [B, C]: scale * rstd * mean_g(dx)
     k2 = rep(rstd * group_sum(p2) / n) * s32
     dscale_b = jnp.broadcast_to(dscale.astype(jnp.float32), (b, c)) - k2
     dbias_b = jnp.broadcast_to(dbias.astype(jnp.float32), (b, c)) - k1
-    dy = dx32 * a.reshape(per_example) + xhat * dscale_b.reshape(per_example) + dbias_b.reshape(per_example)
+    dy = dx32 * a.reshape(per_example) + xhat * broadcast_by_dot(dscale_b, x.shape) + broadcast_by_dot(dbias_b, x.shape)
     sig = jax.nn.sigmoid(y)
     dact = sig * (1.0 + y * (1.0 - sig))  # silu'(y)
     if keep is not None:
