@@ -149,6 +149,20 @@ def add_bias_autodiff(y, bias):
     return y + bias
 
 
+def folded_stats_reduce(x, scale, bias, groups, eps):
+    """layers.folded_group_norm with the statistics as XLA reduces (before the dots with ones)."""
+    b, c = x.shape[0], x.shape[-1]
+    per_group = c // groups
+    x32 = x.astype(jnp.float32)
+    g = x32.reshape(b, -1, groups, per_group)
+    mean = jnp.mean(g, axis=(1, 3))
+    var = jnp.mean(jnp.square(g - mean[:, None, :, None]), axis=(1, 3))
+    rstd = lax.rsqrt(var + eps)
+    a = jnp.repeat(rstd, per_group, axis=-1) * scale.astype(jnp.float32)
+    shift = bias.astype(jnp.float32) - jnp.repeat(mean, per_group, axis=-1) * a
+    return x32, mean, rstd, a, shift, (b,) + (1,) * (x.ndim - 2) + (c,)
+
+
 def attention_einsum(q, k, v):
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
@@ -166,6 +180,7 @@ PATCHES = {
     "norm_silu_barrier": (layers, "norm_silu", norm_silu_barrier),
     "norm_silu_rbg": (layers, "norm_silu", norm_silu_rbg),
     "add_bias_autodiff": (layers, "add_channel_bias", add_bias_autodiff),
+    "stats_reduce": (layers, "folded_group_norm", folded_stats_reduce),
     "scan_unroll2": (jax.lax, "scan", functools.partial(jax.lax.scan, unroll=2)),
 }
 OPTIONS = {

@@ -1,4 +1,5 @@
-"""CPU speed changes keep values and gradients: GroupNorm's folded CPU form (diffax/models/layers.py) against
+"""CPU speed changes keep values and gradients: GroupNorm's folded CPU form, the GroupNorm -> SiLU -> dropout
+derivative and the conv bias gradient (diffax/models/layers.py) against
 the textbook formula (Wu & He 2018, eq. 1-2; torch.nn.GroupNorm: biased variance, eps inside the root)."""
 from __future__ import annotations
 
@@ -168,3 +169,49 @@ def test_norm_silu_bfloat16(data):
     g_new, g_old = grad(lambda x: layers.norm_silu(n, x)), grad(autodiff_pair(n, 0.0, None))
     assert g_new.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g_new, np.float32), np.asarray(g_old, np.float32), rtol=0.05, atol=0.05)
+
+
+# ------------------------------------------------- conv bias with its gradient as a dot
+
+
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.1)])
+def test_add_channel_bias(dtype, atol):
+    """Values bit-equal to y + bias; d/dbias = the float64 sum of the cotangent over every other axis
+    (bfloat16: accumulated in float32, so within bfloat16's rounding of the result, |sum| <~ 20); d/dy and
+    the jvp are the identity / the broadcast tangent exactly."""
+    k = jax.random.split(jax.random.key(1), 3)
+    y = jax.random.normal(k[0], (2, 5, 5, 16)).astype(dtype)
+    b = jax.random.normal(k[1], (16,)).astype(dtype)
+    w = jax.random.normal(k[2], y.shape).astype(dtype)
+    assert bool((layers.add_channel_bias(y, b) == y + b).all())
+    gy, gb = jax.jit(jax.grad(lambda y, b: jnp.sum((layers.add_channel_bias(y, b) * w).astype(jnp.float32)), (0, 1)))(y, b)
+    assert gb.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(gy, np.float32), np.asarray(w, np.float32))
+    np.testing.assert_allclose(np.asarray(gb, np.float64), np.asarray(w, np.float64).sum(axis=(0, 1, 2)), rtol=0, atol=atol)
+    _, t = jax.jvp(lambda b: layers.add_channel_bias(y, b), (b,), (w[0, 0, 0],))
+    np.testing.assert_array_equal(np.asarray(t, np.float32), np.broadcast_to(np.asarray(w[0, 0, 0], np.float32), y.shape))
+
+
+def test_unet_gradients_equal_autodiff(monkeypatch):
+    """A small UNet with dropout: loss and parameter gradients with the CPU derivatives (norm_silu, conv bias)
+    equal those of the plain layers differentiated by JAX (relative to the largest gradient, 1e-4)."""
+    from diffax.models.unet import UNet
+
+    net = UNet(data_shape=(4, 4, 3), channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
+               mid_attention=False, norm_groups=4, dropout=0.1, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(net)
+    state = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(5), p.shape), state)  # nonzero convs
+    x = jax.random.normal(jax.random.key(2), (2, 4, 4, 3))
+
+    def loss(state):
+        out = nnx.merge(graphdef, state)(x, jnp.array([0.3, 0.7]), dropout_key=jax.random.key(4))
+        return jnp.sum(jnp.square(out - x))
+
+    v_new, g_new = jax.jit(jax.value_and_grad(loss))(state)
+    monkeypatch.setattr(layers, "norm_silu", lambda n, x, rate=0.0, key=None: layers.dropout(jax.nn.silu(n(x)), rate, key))
+    monkeypatch.setattr(layers, "add_channel_bias", lambda y, b: y + b)
+    v_old, g_old = jax.jit(jax.value_and_grad(loss))(state)  # a new function: traced again, patched
+    np.testing.assert_allclose(float(v_new), float(v_old), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old)):
+        scale = float(np.abs(np.asarray(b)).max()) or 1.0
+        np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, rtol=0, atol=1e-4)

@@ -161,24 +161,42 @@ class GroupNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        b, c = x.shape[0], x.shape[-1]
-        per_group = c // self.groups
-        x32 = x.astype(jnp.float32)
-        g = x32.reshape(b, -1, self.groups, per_group)
-        mean = jnp.mean(g, axis=(1, 3))  # [B, groups], two passes: mean, then the variance around it
-        var = jnp.mean(jnp.square(g - mean[:, None, :, None]), axis=(1, 3))
-        rstd = lax.rsqrt(var + self.eps)
         scale, bias = self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
-        if jax.default_backend() != "cpu":
-            y = ((g - mean[:, None, :, None]) * rstd[:, None, :, None]).reshape(x.shape)
-            return (y * scale + bias).astype(self.dtype)
-        # On the CPU the normalisation and the affine are folded into one scale and shift per (example,
-        # channel), as PyTorch's CPU kernel applies them: y = x * a + (bias - mean * a), a = scale / std.
-        # XLA:CPU runs this form a little faster (DDPM UNet train step ~1.05x: benchmarks/torch_parity.md).
-        a = jnp.repeat(rstd, per_group, axis=-1) * scale
-        shift = bias - jnp.repeat(mean, per_group, axis=-1) * a
-        per_example = (b,) + (1,) * (x.ndim - 2) + (c,)
-        return (x32 * a.reshape(per_example) + shift.reshape(per_example)).astype(self.dtype)
+        if jax.default_backend() == "cpu":
+            x32, _, _, a, shift, per_example = folded_group_norm(x, scale, bias, self.groups, self.eps)
+            return (x32 * a.reshape(per_example) + shift.reshape(per_example)).astype(self.dtype)
+        b, c = x.shape[0], x.shape[-1]
+        g = x.astype(jnp.float32).reshape(b, -1, self.groups, c // self.groups)
+        mean = jnp.mean(g, axis=(1, 3), keepdims=True)  # two passes: mean, then the variance around it
+        var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
+        y = ((g - mean) * lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return (y * scale + bias).astype(self.dtype)
+
+
+def folded_group_norm(x: Array, scale: Array, bias: Array, groups: int, eps: float):
+    """GroupNorm's CPU form: the same two-pass float32 statistics, the normalisation and the affine folded
+    into one scale and shift per (example, channel), as PyTorch's CPU kernel applies them:
+    y = x * a + (bias - mean * a), a = scale / std (DDPM UNet train step ~1.05x: benchmarks/torch_parity.md).
+    The sums over positions are dots with ones (`sum_by_dot`; XLA:CPU's reduce is slower).
+
+    Returns (x in float32, mean [B, groups], rstd [B, groups], a [B, C], shift [B, C], the shape that
+    broadcasts a [B, C] over x)."""
+    b, c = x.shape[0], x.shape[-1]
+    per_group = c // groups
+    n = x.size // (b * groups)
+    x32 = x.astype(jnp.float32)
+    per_example = (b,) + (1,) * (x.ndim - 2) + (c,)
+    mean = group_sum(sum_by_dot(x32), groups) / n  # [B, groups]
+    var = group_sum(sum_by_dot(jnp.square(x32 - jnp.repeat(mean, per_group, -1).reshape(per_example))), groups) / n
+    rstd = lax.rsqrt(var + eps)
+    a = jnp.repeat(rstd, per_group, axis=-1) * scale.astype(jnp.float32)
+    shift = bias.astype(jnp.float32) - jnp.repeat(mean, per_group, axis=-1) * a
+    return x32, mean, rstd, a, shift, per_example
+
+
+def group_sum(t: Array, groups: int) -> Array:
+    """[B, C] -> [B, groups]: the sum over each group's channels."""
+    return t.reshape(t.shape[0], groups, -1).sum(-1)
 
 
 def norm_silu(norm: GroupNorm, x: Array, rate: float = 0.0, key: Array | None = None) -> Array:
@@ -196,16 +214,7 @@ def norm_silu(norm: GroupNorm, x: Array, rate: float = 0.0, key: Array | None = 
 
 def _norm_silu_forward(x, scale, bias, keep, groups, eps, rate):
     """GroupNorm folded as GroupNorm.__call__ on the CPU, SiLU, dropout's mask; float32 throughout."""
-    b, c = x.shape[0], x.shape[-1]
-    per_group = c // groups
-    x32 = x.astype(jnp.float32)
-    g = x32.reshape(b, -1, groups, per_group)
-    mean = jnp.mean(g, axis=(1, 3))
-    var = jnp.mean(jnp.square(g - mean[:, None, :, None]), axis=(1, 3))
-    rstd = lax.rsqrt(var + eps)  # [B, groups]
-    a = jnp.repeat(rstd, per_group, axis=-1) * scale.astype(jnp.float32)  # [B, C]
-    shift = bias.astype(jnp.float32) - jnp.repeat(mean, per_group, axis=-1) * a
-    per_example = (b,) + (1,) * (x.ndim - 2) + (c,)
+    x32, mean, rstd, a, shift, per_example = folded_group_norm(x, scale, bias, groups, eps)
     y = x32 * a.reshape(per_example) + shift.reshape(per_example)
     out = jax.nn.silu(y)
     if keep is not None:
@@ -258,14 +267,13 @@ def _norm_silu_cpu_jvp(groups, eps, rate, primals, tangents):
     per_group = c // groups
     n = x32.size // (b * groups)  # values per (example, group)
     rep = lambda t: jnp.repeat(t, per_group, axis=-1)  # noqa: E731  [B, groups] -> [B, C]
-    group_sum = lambda t: t.reshape(b, groups, per_group).sum(-1)  # noqa: E731  [B, C] -> [B, groups]
     xhat = (x32 - rep(mean).reshape(per_example)) * rep(rstd).reshape(per_example)
     dx32 = dx.astype(jnp.float32)
     p1 = sum_by_dot(dx32)  # [B, C]
     p2 = sum_by_dot(dx32 * xhat)
     s32 = scale.astype(jnp.float32)
-    k1 = rep(rstd * group_sum(p1) / n) * s32  # [B, C]: scale * rstd * mean_g(dx)
-    k2 = rep(rstd * group_sum(p2) / n) * s32
+    k1 = rep(rstd * group_sum(p1, groups) / n) * s32  # [B, C]: scale * rstd * mean_g(dx)
+    k2 = rep(rstd * group_sum(p2, groups) / n) * s32
     dscale_b = jnp.broadcast_to(dscale.astype(jnp.float32), (b, c)) - k2
     dbias_b = jnp.broadcast_to(dbias.astype(jnp.float32), (b, c)) - k1
     dy = dx32 * a.reshape(per_example) + xhat * broadcast_by_dot(dscale_b, x.shape) + broadcast_by_dot(dbias_b, x.shape)
