@@ -146,7 +146,7 @@ def norm_silu_rbg(norm, x, rate=0.0, key=None):
 
 def add_bias_autodiff(y, bias):
     """Before layers.add_channel_bias's custom derivative: the conv bias gradient as XLA's reduce."""
-    return y + bias
+    return layers._add_bias(y, bias)
 
 
 def folded_stats_reduce(x, scale, bias, groups, eps):

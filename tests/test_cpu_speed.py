@@ -176,7 +176,7 @@ def test_norm_silu_bfloat16(data):
 
 @pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.1)])
 def test_add_channel_bias(dtype, atol):
-    """Values bit-equal to y + bias; d/dbias = the float64 sum of the cotangent over every other axis
+    """Values bit-equal to y + bias (bias [C], or [B, C]); d/dbias = the float64 sum of the cotangent over every other axis
     (bfloat16: accumulated in float32, so within bfloat16's rounding of the result, |sum| <~ 20); d/dy and
     the jvp are the identity / the broadcast tangent exactly."""
     k = jax.random.split(jax.random.key(1), 3)
@@ -190,6 +190,11 @@ def test_add_channel_bias(dtype, atol):
     np.testing.assert_allclose(np.asarray(gb, np.float64), np.asarray(w, np.float64).sum(axis=(0, 1, 2)), rtol=0, atol=atol)
     _, t = jax.jvp(lambda b: layers.add_channel_bias(y, b), (b,), (w[0, 0, 0],))
     np.testing.assert_array_equal(np.asarray(t, np.float32), np.broadcast_to(np.asarray(w[0, 0, 0], np.float32), y.shape))
+    # a bias per example [B, C] (the noise-level embedding): summed over the positions only
+    e = b + jnp.asarray([[0.0], [1.0]], dtype)
+    assert bool((layers.add_channel_bias(y, e) == y + e[:, None, None, :]).all())
+    ge = jax.jit(jax.grad(lambda e: jnp.sum((layers.add_channel_bias(y, e) * w).astype(jnp.float32))))(e)
+    np.testing.assert_allclose(np.asarray(ge, np.float64), np.asarray(w, np.float64).sum(axis=(1, 2)), rtol=0, atol=atol)
 
 
 def test_unet_gradients_equal_autodiff(monkeypatch):
@@ -209,7 +214,7 @@ def test_unet_gradients_equal_autodiff(monkeypatch):
 
     v_new, g_new = jax.jit(jax.value_and_grad(loss))(state)
     monkeypatch.setattr(layers, "norm_silu", lambda n, x, rate=0.0, key=None: layers.dropout(jax.nn.silu(n(x)), rate, key))
-    monkeypatch.setattr(layers, "add_channel_bias", lambda y, b: y + b)
+    monkeypatch.setattr(layers, "add_channel_bias", layers._add_bias)
     v_old, g_old = jax.jit(jax.value_and_grad(loss))(state)  # a new function: traced again, patched
     np.testing.assert_allclose(float(v_new), float(v_old), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old)):

@@ -101,22 +101,27 @@ class Conv(nnx.Module):
 
 
 def add_channel_bias(y: Array, bias: Array) -> Array:
-    """y [..., C] + bias [C]. On the CPU with a derivative whose transpose sums the gradient over all other
-    axes as a dot with ones (`broadcast_by_dot`) instead of XLA:CPU's slower reduce; same values."""
+    """y [B, ..., C] + bias [C] (a conv bias) or [B, C] (per example: the noise-level embedding). On the CPU
+    with a derivative whose transpose sums the gradient over the positions as a dot with ones
+    (`broadcast_by_dot`) instead of XLA:CPU's slower reduce; same values."""
     if jax.default_backend() != "cpu":
-        return y + bias
+        return _add_bias(y, bias)
     return _add_bias_cpu(y, bias)
+
+
+def _add_bias(y: Array, bias: Array) -> Array:
+    return y + (bias if bias.ndim == 1 else bias.reshape((bias.shape[0],) + (1,) * (y.ndim - 2) + bias.shape[-1:]))
 
 
 @jax.custom_jvp
 def _add_bias_cpu(y: Array, bias: Array) -> Array:
-    return y + bias
+    return _add_bias(y, bias)
 
 
 @_add_bias_cpu.defjvp
 def _add_bias_cpu_jvp(primals, tangents):
     (y, bias), (dy, dbias) = primals, tangents
-    return y + bias, dy + broadcast_by_dot(dbias, y.shape)
+    return _add_bias(y, bias), dy + broadcast_by_dot(dbias, y.shape)
 
 
 def linear(
@@ -435,7 +440,7 @@ class ResBlock(nnx.Module):
             h = dropout(jax.nn.silu(self.norm2(h) * (1 + scale) + shift), self.dropout, dropout_key)
         else:
             if self.temb is not None:
-                h = h + self.temb(jax.nn.silu(emb))[:, None, None, :]
+                h = add_channel_bias(h, self.temb(jax.nn.silu(emb)))
             h = norm_silu(self.norm2, h, self.dropout, dropout_key)
         h = self.conv2(h)
         if self.skip is not None:
