@@ -110,7 +110,7 @@ def no_dropout(x, rate, key):
 
 
 def norm_silu_autodiff(norm, x, rate=0.0, key=None):
-    """Before the closed-form CPU derivative (layers._norm_silu_cpu): the three layers differentiated by JAX."""
+    """Before the closed-form CPU derivative (layers._norm_act_cpu): the three layers differentiated by JAX."""
     return layers.dropout(jax.nn.silu(norm(x)), rate, key)
 
 
@@ -120,7 +120,7 @@ def norm_silu_barrier(norm, x, rate=0.0, key=None):
     if key is None or rate == 0.0:
         return layers.norm_silu(norm, x)
     keep = lax.optimization_barrier(jax.random.bernoulli(key, 1.0 - rate, x.shape))
-    y = layers._norm_silu_cpu(x, norm.scale[...], norm.bias[...], keep, norm.groups, norm.eps, float(rate))
+    y = layers._norm_act_cpu(x, norm.scale[...], norm.bias[...], keep, norm.groups, norm.eps, float(rate), True)
     return y.astype(norm.dtype)
 
 
@@ -140,7 +140,7 @@ def norm_silu_rbg(norm, x, rate=0.0, key=None):
         return layers.norm_silu(norm, x)
     rbg = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
     keep = jax.random.bernoulli(rbg, 1.0 - rate, x.shape)
-    y = layers._norm_silu_cpu(x, norm.scale[...], norm.bias[...], keep, norm.groups, norm.eps, float(rate))
+    y = layers._norm_act_cpu(x, norm.scale[...], norm.bias[...], keep, norm.groups, norm.eps, float(rate), True)
     return y.astype(norm.dtype)
 
 
@@ -163,6 +163,12 @@ def folded_stats_reduce(x, scale, bias, groups, eps):
     return x32, mean, rstd, a, shift, (b,) + (1,) * (x.ndim - 2) + (c,)
 
 
+def groupnorm_autodiff(self, x):
+    """GroupNorm.__call__ on the CPU before the closed-form derivative: folded_group_norm differentiated by JAX."""
+    x32, _, _, a, shift, per_example = layers.folded_group_norm(x, self.scale[...], self.bias[...], self.groups, self.eps)
+    return (x32 * a.reshape(per_example) + shift.reshape(per_example)).astype(self.dtype)
+
+
 def attention_einsum(q, k, v):
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
@@ -181,6 +187,7 @@ PATCHES = {
     "norm_silu_rbg": (layers, "norm_silu", norm_silu_rbg),
     "add_bias_autodiff": (layers, "add_channel_bias", add_bias_autodiff),
     "stats_reduce": (layers, "folded_group_norm", folded_stats_reduce),
+    "groupnorm_autodiff": (layers.GroupNorm, "__call__", groupnorm_autodiff),
     "scan_unroll2": (jax.lax, "scan", functools.partial(jax.lax.scan, unroll=2)),
 }
 OPTIONS = {
