@@ -167,8 +167,9 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         scale, bias = self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
-        if jax.default_backend() == "cpu":  # folded, with the closed-form derivative: see _norm_act_cpu
-            return _norm_act_cpu(x, scale, bias, None, self.groups, self.eps, 0.0, False).astype(self.dtype)
+        if jax.default_backend() == "cpu":
+            x32, _, _, a, shift, per_example = folded_group_norm(x, scale, bias, self.groups, self.eps)
+            return (x32 * a.reshape(per_example) + shift.reshape(per_example)).astype(self.dtype)
         b, c = x.shape[0], x.shape[-1]
         g = x.astype(jnp.float32).reshape(b, -1, self.groups, c // self.groups)
         mean = jnp.mean(g, axis=(1, 3), keepdims=True)  # two passes: mean, then the variance around it
@@ -206,30 +207,31 @@ def group_sum(t: Array, groups: int) -> Array:
 def norm_silu(norm: GroupNorm, x: Array, rate: float = 0.0, key: Array | None = None) -> Array:
     """dropout(silu(norm(x)), rate, key): the UNet's GroupNorm -> SiLU (-> dropout) pairs.
 
-    On the CPU through `_norm_act_cpu`, whose closed-form derivative makes XLA:CPU compute the GroupNorm
+    On the CPU through `_norm_silu_cpu`, whose closed-form derivative makes XLA:CPU compute the GroupNorm
     backward's sums once per (example, channel) (see there); other backends trace the three layers as written.
     """
     if jax.default_backend() != "cpu":
         return dropout(jax.nn.silu(norm(x)), rate, key)
     keep = None if key is None or rate == 0.0 else jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    y = _norm_act_cpu(x, norm.scale[...], norm.bias[...], keep, norm.groups, norm.eps, float(rate), True)
+    y = _norm_silu_cpu(x, norm.scale[...], norm.bias[...], keep, norm.groups, norm.eps, float(rate))
     return y.astype(norm.dtype)
 
 
-def _norm_act_forward(x, scale, bias, keep, groups, eps, rate, silu):
-    """GroupNorm folded (`folded_group_norm`), SiLU when `silu`, dropout's mask; float32 throughout."""
+def _norm_silu_forward(x, scale, bias, keep, groups, eps, rate):
+    """GroupNorm folded (`folded_group_norm`), SiLU, dropout's mask; float32 throughout."""
     x32, mean, rstd, a, shift, per_example = folded_group_norm(x, scale, bias, groups, eps)
     y = x32 * a.reshape(per_example) + shift.reshape(per_example)
-    out = jax.nn.silu(y) if silu else y
+    out = jax.nn.silu(y)
     if keep is not None:
         out = jnp.where(keep, out / (1.0 - rate), jnp.zeros_like(out))
     return out, (x32, y, mean, rstd, a, per_example)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
-def _norm_act_cpu(x, scale, bias, keep, groups, eps, rate, silu):
-    """GroupNorm [-> SiLU] [-> dropout with the mask `keep`] on the CPU (GroupNorm.__call__, norm_silu)."""
-    return _norm_act_forward(x, scale, bias, keep, groups, eps, rate, silu)[0]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _norm_silu_cpu(x, scale, bias, keep, groups, eps, rate):
+    """GroupNorm -> SiLU [-> dropout with the mask `keep`] on the CPU (norm_silu). GroupNorm alone (the
+    attention blocks') stays differentiated by JAX: this rule did not speed it up (benchmarks/torch_parity.md)."""
+    return _norm_silu_forward(x, scale, bias, keep, groups, eps, rate)[0]
 
 
 def broadcast_by_dot(t: Array, shape: tuple[int, ...]) -> Array:
@@ -252,13 +254,13 @@ def sum_by_dot(t: Array) -> Array:
     return jnp.einsum("bp,bpc->bc", jnp.ones(t.shape[:2], t.dtype), t)
 
 
-@_norm_act_cpu.defjvp
-def _norm_act_cpu_jvp(groups, eps, rate, silu, primals, tangents):
+@_norm_silu_cpu.defjvp
+def _norm_silu_cpu_jvp(groups, eps, rate, primals, tangents):
     """Closed-form GroupNorm derivative (Wu & He 2018, eq. 1-2, differentiated as in Ioffe & Szegedy 2015,
     sec. 3): with xhat = (x - mean) * rstd per (example, group) of N values,
 
         d xhat = rstd * (dx - mean_g(dx) - xhat * mean_g(dx * xhat)),
-        d y = scale * d xhat + xhat * dscale + dbias,   d out = silu'(y) * keep / (1 - rate) * d y  (1 without SiLU, dropout),
+        d y = scale * d xhat + xhat * dscale + dbias,   d out = silu'(y) * keep / (1 - rate) * d y,
 
     written through the per-(example, channel) sums over positions P1 = sum dx and P2 = sum dx * xhat and
     per-(example, channel) terms broadcast by `broadcast_by_dot`. JAX's transpose of this linear map is the
@@ -267,7 +269,7 @@ def _norm_act_cpu_jvp(groups, eps, rate, silu, primals, tangents):
     """
     x, scale, bias, keep = primals
     dx, dscale, dbias = tangents[:3]
-    out, (x32, y, mean, rstd, a, per_example) = _norm_act_forward(x, scale, bias, keep, groups, eps, rate, silu)
+    out, (x32, y, mean, rstd, a, per_example) = _norm_silu_forward(x, scale, bias, keep, groups, eps, rate)
     b, c = x.shape[0], x.shape[-1]
     per_group = c // groups
     n = x32.size // (b * groups)  # values per (example, group)
@@ -282,12 +284,8 @@ def _norm_act_cpu_jvp(groups, eps, rate, silu, primals, tangents):
     dscale_b = jnp.broadcast_to(dscale.astype(jnp.float32), (b, c)) - k2
     dbias_b = jnp.broadcast_to(dbias.astype(jnp.float32), (b, c)) - k1
     dy = dx32 * a.reshape(per_example) + xhat * broadcast_by_dot(dscale_b, x.shape) + broadcast_by_dot(dbias_b, x.shape)
-    if not silu and keep is None:
-        return out, dy
-    dact = jnp.ones_like(y)
-    if silu:
-        sig = jax.nn.sigmoid(y)
-        dact = sig * (1.0 + y * (1.0 - sig))  # silu'(y)
+    sig = jax.nn.sigmoid(y)
+    dact = sig * (1.0 + y * (1.0 - sig))  # silu'(y)
     if keep is not None:
         dact = jnp.where(keep, dact / (1.0 - rate), jnp.zeros_like(dact))
     return out, dy * dact
