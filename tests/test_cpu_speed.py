@@ -215,7 +215,8 @@ def test_resblock_gradients_equal_autodiff(monkeypatch):
                             rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(block)
     k = jax.random.split(jax.random.key(5), 4)
-    state = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(k[0], p.shape), state)  # nonzero conv2, biases
+    # nonzero conv2 and biases; jitted: one compile instead of one per parameter shape
+    state = jax.jit(lambda s: jax.tree.map(lambda p: p + 0.05 * jax.random.normal(k[0], p.shape), s))(state)
     x, emb = jax.random.normal(k[1], (2, 6, 6, 8)), jax.random.normal(k[2], (2, 12))
 
     def loss(state, x, emb):
