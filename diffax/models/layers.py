@@ -251,7 +251,8 @@ def sum_by_dot(t: Array) -> Array:
     """t [B, *P, C] summed over the positions P -> [B, C], as a batched dot with ones (XLA:CPU runs it faster
     than its reduce; the transpose is an outer product, `broadcast_by_dot`'s form)."""
     t = t.reshape(t.shape[0], -1, t.shape[-1])
-    return jnp.einsum("bp,bpc->bc", jnp.ones(t.shape[:2], t.dtype), t)
+    with jax.named_scope("sum_by_dot"):  # tests tell these float32 sums from the network's matmuls by it
+        return jnp.einsum("bp,bpc->bc", jnp.ones(t.shape[:2], t.dtype), t)
 
 
 @_norm_silu_cpu.defjvp
