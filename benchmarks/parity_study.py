@@ -109,6 +109,67 @@ def no_dropout(x, rate, key):
     return x
 
 
+def norm_silu_autodiff(norm, x, rate=0.0, key=None):
+    """Before the closed-form CPU derivative (layers._norm_silu_cpu): the three layers differentiated by JAX."""
+    return layers.dropout(jax.nn.silu(norm(x)), rate, key)
+
+
+def norm_silu_barrier(norm, x, rate=0.0, key=None):
+    """layers.norm_silu with dropout's mask behind an optimization barrier (values bit-identical): XLA computes
+    the threefry bits once instead of in every fusion that reads the mask."""
+    if key is None or rate == 0.0:
+        return layers._norm_silu_cpu(x, norm.scale[...], norm.bias[...], None, norm.groups, norm.eps, 0.0)
+    keep = lax.optimization_barrier(jax.random.bernoulli(key, 1.0 - rate, x.shape))
+    y = layers._norm_silu_cpu(x, norm.scale[...], norm.bias[...], keep, norm.groups, norm.eps, float(rate))
+    return y.astype(norm.dtype)
+
+
+def dropout_rbg(x, rate, key):
+    """Diagnostic (changes the random numbers): dropout's mask from XLA's RngBitGenerator (`rbg` keys)
+    instead of threefry; the rbg key's data drawn from the threefry key."""
+    if key is None or rate == 0.0:
+        return x
+    rbg = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+    keep = jax.random.bernoulli(rbg, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def norm_silu_rbg(norm, x, rate=0.0, key=None):
+    """layers.norm_silu with dropout_rbg's mask (diagnostic: changes the random numbers)."""
+    if key is None or rate == 0.0:
+        return layers._norm_silu_cpu(x, norm.scale[...], norm.bias[...], None, norm.groups, norm.eps, 0.0)
+    rbg = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+    keep = jax.random.bernoulli(rbg, 1.0 - rate, x.shape)
+    y = layers._norm_silu_cpu(x, norm.scale[...], norm.bias[...], keep, norm.groups, norm.eps, float(rate))
+    return y.astype(norm.dtype)
+
+
+def add_bias_autodiff(y, bias):
+    """Before layers.add_channel_bias's custom derivative: the conv bias gradient as XLA's reduce."""
+    return layers._add_bias(y, bias)
+
+
+def folded_stats_reduce(x, scale, bias, groups, eps):
+    """layers.folded_group_norm with the statistics as XLA reduces (before the dots with ones)."""
+    b, c = x.shape[0], x.shape[-1]
+    per_group = c // groups
+    x32 = x.astype(jnp.float32)
+    g = x32.reshape(b, -1, groups, per_group)
+    mean = jnp.mean(g, axis=(1, 3))
+    var = jnp.mean(jnp.square(g - mean[:, None, :, None]), axis=(1, 3))
+    rstd = lax.rsqrt(var + eps)
+    a = jnp.repeat(rstd, per_group, axis=-1) * scale.astype(jnp.float32)
+    shift = bias.astype(jnp.float32) - jnp.repeat(mean, per_group, axis=-1) * a
+    return x32, mean, rstd, a, shift, (b,) + (1,) * (x.ndim - 2) + (c,)
+
+
+def groupnorm_autodiff(self, x):
+    """GroupNorm.__call__ on the CPU as adopted: folded_group_norm differentiated by JAX (measured against
+    routing it through layers._norm_silu_cpu's closed-form derivative without the SiLU: no gain)."""
+    x32, _, _, a, shift, per_example = layers.folded_group_norm(x, self.scale[...], self.bias[...], self.groups, self.eps)
+    return (x32 * a.reshape(per_example) + shift.reshape(per_example)).astype(self.dtype)
+
+
 def attention_einsum(q, k, v):
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
@@ -122,6 +183,16 @@ PATCHES = {
     "attention_einsum": (layers, "attention", attention_einsum),
     "dropout_barrier": (layers, "dropout", dropout_barrier),
     "no_dropout": (layers, "dropout", no_dropout),
+    "norm_silu_autodiff": (layers, "norm_silu", norm_silu_autodiff),
+    "norm_silu_barrier": (layers, "norm_silu", norm_silu_barrier),
+    "norm_silu_rbg": (layers, "norm_silu", norm_silu_rbg),
+    "add_bias_autodiff": (layers, "add_channel_bias", add_bias_autodiff),
+    "stats_reduce": (layers, "folded_group_norm", folded_stats_reduce),
+    "groupnorm_autodiff": (layers.GroupNorm, "__call__", groupnorm_autodiff),
+    # main before issue 21's second round: all of the CPU derivatives and the dot statistics off
+    "before_dots": [(layers.GroupNorm, "__call__", groupnorm_autodiff), (layers, "norm_silu", norm_silu_autodiff),
+                    (layers, "add_channel_bias", add_bias_autodiff), (layers, "folded_group_norm", folded_stats_reduce)],
+    "scan_unroll2": (jax.lax, "scan", functools.partial(jax.lax.scan, unroll=2)),
 }
 OPTIONS = {
     "fast_math": {"xla_cpu_enable_fast_math": True},
@@ -134,16 +205,17 @@ OPTIONS = {
 
 @contextlib.contextmanager
 def patched(name: str):
-    if name not in PATCHES:
-        yield
-        return
-    owner, attr, fn = PATCHES[name]
-    old = getattr(owner, attr)
-    setattr(owner, attr, fn)
+    """The variant's patches (one (owner, attribute, replacement) or a list of them) applied while tracing."""
+    found = PATCHES.get(name, [])
+    found = found if isinstance(found, list) else [found]
+    old = [getattr(owner, attr) for owner, attr, _ in found]
+    for owner, attr, fn in found:
+        setattr(owner, attr, fn)
     try:
         yield
     finally:
-        setattr(owner, attr, old)
+        for (owner, attr, _), fn in zip(found, old):
+            setattr(owner, attr, fn)
 
 
 def build(folder: str, name: str, batch: int, steps: int, what: str) -> DiffaxSide:

@@ -6,6 +6,8 @@ GroupNorm32). Dropout is pure: it is applied only when a key is passed.
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Sequence
 
 import jax
@@ -95,7 +97,31 @@ class Conv(nnx.Module):
             stride=self.stride,
             padding=self.padding,
         )
-        return y + self.bias[...].astype(self.dtype)
+        return add_channel_bias(y, self.bias[...].astype(self.dtype))
+
+
+def add_channel_bias(y: Array, bias: Array) -> Array:
+    """y [B, ..., C] + bias [C] (a conv bias) or [B, C] (per example: the noise-level embedding). On the CPU
+    with a derivative whose transpose sums the gradient over the positions as a dot with ones
+    (`broadcast_by_dot`) instead of XLA:CPU's slower reduce; same values."""
+    if jax.default_backend() != "cpu":
+        return _add_bias(y, bias)
+    return _add_bias_cpu(y, bias)
+
+
+def _add_bias(y: Array, bias: Array) -> Array:
+    return y + (bias if bias.ndim == 1 else bias.reshape((bias.shape[0],) + (1,) * (y.ndim - 2) + bias.shape[-1:]))
+
+
+@jax.custom_jvp
+def _add_bias_cpu(y: Array, bias: Array) -> Array:
+    return _add_bias(y, bias)
+
+
+@_add_bias_cpu.defjvp
+def _add_bias_cpu_jvp(primals, tangents):
+    (y, bias), (dy, dbias) = primals, tangents
+    return _add_bias(y, bias), dy + broadcast_by_dot(dbias, y.shape)
 
 
 def linear(
@@ -140,24 +166,130 @@ class GroupNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        b, c = x.shape[0], x.shape[-1]
-        per_group = c // self.groups
-        x32 = x.astype(jnp.float32)
-        g = x32.reshape(b, -1, self.groups, per_group)
-        mean = jnp.mean(g, axis=(1, 3))  # [B, groups], two passes: mean, then the variance around it
-        var = jnp.mean(jnp.square(g - mean[:, None, :, None]), axis=(1, 3))
-        rstd = lax.rsqrt(var + self.eps)
         scale, bias = self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
-        if jax.default_backend() != "cpu":
-            y = ((g - mean[:, None, :, None]) * rstd[:, None, :, None]).reshape(x.shape)
-            return (y * scale + bias).astype(self.dtype)
-        # On the CPU the normalisation and the affine are folded into one scale and shift per (example,
-        # channel), as PyTorch's CPU kernel applies them: y = x * a + (bias - mean * a), a = scale / std.
-        # XLA:CPU runs this form a little faster (DDPM UNet train step ~1.05x: benchmarks/torch_parity.md).
-        a = jnp.repeat(rstd, per_group, axis=-1) * scale
-        shift = bias - jnp.repeat(mean, per_group, axis=-1) * a
-        per_example = (b,) + (1,) * (x.ndim - 2) + (c,)
-        return (x32 * a.reshape(per_example) + shift.reshape(per_example)).astype(self.dtype)
+        if jax.default_backend() == "cpu":
+            x32, _, _, a, shift, per_example = folded_group_norm(x, scale, bias, self.groups, self.eps)
+            return (x32 * a.reshape(per_example) + shift.reshape(per_example)).astype(self.dtype)
+        b, c = x.shape[0], x.shape[-1]
+        g = x.astype(jnp.float32).reshape(b, -1, self.groups, c // self.groups)
+        mean = jnp.mean(g, axis=(1, 3), keepdims=True)  # two passes: mean, then the variance around it
+        var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
+        y = ((g - mean) * lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return (y * scale + bias).astype(self.dtype)
+
+
+def folded_group_norm(x: Array, scale: Array, bias: Array, groups: int, eps: float):
+    """GroupNorm's CPU form: the same two-pass float32 statistics, the normalisation and the affine folded
+    into one scale and shift per (example, channel), as PyTorch's CPU kernel applies them:
+    y = x * a + (bias - mean * a), a = scale / std (DDPM UNet train step ~1.05x: benchmarks/torch_parity.md).
+    The sums over positions are dots with ones (`sum_by_dot`; XLA:CPU's reduce is slower).
+
+    Returns (x in float32, mean [B, groups], rstd [B, groups], a [B, C], shift [B, C], the shape that
+    broadcasts a [B, C] over x)."""
+    b, c = x.shape[0], x.shape[-1]
+    per_group = c // groups
+    n = x.size // (b * groups)
+    x32 = x.astype(jnp.float32)
+    per_example = (b,) + (1,) * (x.ndim - 2) + (c,)
+    mean = group_sum(sum_by_dot(x32), groups) / n  # [B, groups]
+    var = group_sum(sum_by_dot(jnp.square(x32 - jnp.repeat(mean, per_group, -1).reshape(per_example))), groups) / n
+    rstd = lax.rsqrt(var + eps)
+    a = jnp.repeat(rstd, per_group, axis=-1) * scale.astype(jnp.float32)
+    shift = bias.astype(jnp.float32) - jnp.repeat(mean, per_group, axis=-1) * a
+    return x32, mean, rstd, a, shift, per_example
+
+
+def group_sum(t: Array, groups: int) -> Array:
+    """[B, C] -> [B, groups]: the sum over each group's channels."""
+    return t.reshape(t.shape[0], groups, -1).sum(-1)
+
+
+def norm_silu(norm: GroupNorm, x: Array, rate: float = 0.0, key: Array | None = None) -> Array:
+    """dropout(silu(norm(x)), rate, key): the UNet's GroupNorm -> SiLU (-> dropout) pairs.
+
+    On the CPU through `_norm_silu_cpu`, whose closed-form derivative makes XLA:CPU compute the GroupNorm
+    backward's sums once per (example, channel) (see there); other backends trace the three layers as written.
+    """
+    if jax.default_backend() != "cpu":
+        return dropout(jax.nn.silu(norm(x)), rate, key)
+    keep = None if key is None or rate == 0.0 else jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    y = _norm_silu_cpu(x, norm.scale[...], norm.bias[...], keep, norm.groups, norm.eps, float(rate))
+    return y.astype(norm.dtype)
+
+
+def _norm_silu_forward(x, scale, bias, keep, groups, eps, rate):
+    """GroupNorm folded (`folded_group_norm`), SiLU, dropout's mask; float32 throughout."""
+    x32, mean, rstd, a, shift, per_example = folded_group_norm(x, scale, bias, groups, eps)
+    y = x32 * a.reshape(per_example) + shift.reshape(per_example)
+    out = jax.nn.silu(y)
+    if keep is not None:
+        out = jnp.where(keep, out / (1.0 - rate), jnp.zeros_like(out))
+    return out, (x32, y, mean, rstd, a, per_example)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _norm_silu_cpu(x, scale, bias, keep, groups, eps, rate):
+    """GroupNorm -> SiLU [-> dropout with the mask `keep`] on the CPU (norm_silu). GroupNorm alone (the
+    attention blocks') stays differentiated by JAX: this rule did not speed it up (benchmarks/torch_parity.md)."""
+    return _norm_silu_forward(x, scale, bias, keep, groups, eps, rate)[0]
+
+
+def broadcast_by_dot(t: Array, shape: tuple[int, ...]) -> Array:
+    """t [B, C] broadcast over the positions of `shape` [B, *P, C] (t [C]: over all of B, *P) as an outer
+    product with ones (a dot, in float32). Values are exact (1 * t); the point is the transpose: JAX
+    differentiates it into a dot with ones, which XLA:CPU runs 3-4x faster than its reduce over the
+    positions with the gradient's elementwise producer fused in (benchmarks/torch_parity.md)."""
+    t32 = t.astype(jnp.float32)
+    if t.ndim == 1:
+        out = jnp.einsum("n,c->nc", jnp.ones((math.prod(shape[:-1]),), jnp.float32), t32)
+    else:
+        out = jnp.einsum("bp,bc->bpc", jnp.ones((shape[0], math.prod(shape[1:-1])), jnp.float32), t32)
+    return out.reshape(shape).astype(t.dtype)
+
+
+def sum_by_dot(t: Array) -> Array:
+    """t [B, *P, C] summed over the positions P -> [B, C], as a batched dot with ones (XLA:CPU runs it faster
+    than its reduce; the transpose is an outer product, `broadcast_by_dot`'s form)."""
+    t = t.reshape(t.shape[0], -1, t.shape[-1])
+    with jax.named_scope("sum_by_dot"):  # tests tell these float32 sums from the network's matmuls by it
+        return jnp.einsum("bp,bpc->bc", jnp.ones(t.shape[:2], t.dtype), t)
+
+
+@_norm_silu_cpu.defjvp
+def _norm_silu_cpu_jvp(groups, eps, rate, primals, tangents):
+    """Closed-form GroupNorm derivative (Wu & He 2018, eq. 1-2, differentiated as in Ioffe & Szegedy 2015,
+    sec. 3): with xhat = (x - mean) * rstd per (example, group) of N values,
+
+        d xhat = rstd * (dx - mean_g(dx) - xhat * mean_g(dx * xhat)),
+        d y = scale * d xhat + xhat * dscale + dbias,   d out = silu'(y) * keep / (1 - rate) * d y,
+
+    written through the per-(example, channel) sums over positions P1 = sum dx and P2 = sum dx * xhat and
+    per-(example, channel) terms broadcast by `broadcast_by_dot`. JAX's transpose of this linear map is the
+    backward PyTorch's CPU kernel runs: two sums per (example, channel) of the incoming gradient (alone and
+    times xhat; dots with ones), which also give dscale and dbias, then one elementwise pass.
+    """
+    x, scale, bias, keep = primals
+    dx, dscale, dbias = tangents[:3]
+    out, (x32, y, mean, rstd, a, per_example) = _norm_silu_forward(x, scale, bias, keep, groups, eps, rate)
+    b, c = x.shape[0], x.shape[-1]
+    per_group = c // groups
+    n = x32.size // (b * groups)  # values per (example, group)
+    rep = lambda t: jnp.repeat(t, per_group, axis=-1)  # noqa: E731  [B, groups] -> [B, C]
+    xhat = (x32 - rep(mean).reshape(per_example)) * rep(rstd).reshape(per_example)
+    dx32 = dx.astype(jnp.float32)
+    p1 = sum_by_dot(dx32)  # [B, C]
+    p2 = sum_by_dot(dx32 * xhat)
+    s32 = scale.astype(jnp.float32)
+    k1 = rep(rstd * group_sum(p1, groups) / n) * s32  # [B, C]: scale * rstd * mean_g(dx)
+    k2 = rep(rstd * group_sum(p2, groups) / n) * s32
+    dscale_b = jnp.broadcast_to(dscale.astype(jnp.float32), (b, c)) - k2
+    dbias_b = jnp.broadcast_to(dbias.astype(jnp.float32), (b, c)) - k1
+    dy = dx32 * a.reshape(per_example) + xhat * broadcast_by_dot(dscale_b, x.shape) + broadcast_by_dot(dbias_b, x.shape)
+    sig = jax.nn.sigmoid(y)
+    dact = sig * (1.0 + y * (1.0 - sig))  # silu'(y)
+    if keep is not None:
+        dact = jnp.where(keep, dact / (1.0 - rate), jnp.zeros_like(dact))
+    return out, dy * dact
 
 
 def layer_norm(x: Array, eps: float = 1e-6) -> Array:
@@ -299,21 +431,20 @@ class ResBlock(nnx.Module):
         self.dropout = float(dropout)
 
     def __call__(self, x: Array, emb: Array | None = None, dropout_key: Array | None = None) -> Array:
-        h = jax.nn.silu(self.norm1(x))
+        h = norm_silu(self.norm1, x)
         if self.resample == "down":
             h, x = downsample_avg(h), downsample_avg(x)
         elif self.resample == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
         h = self.conv1(h)
-        if self.temb is None:
-            h = self.norm2(h)
-        elif self.scale_shift_norm:
+        if self.scale_shift_norm and self.temb is not None:
             e = self.temb(jax.nn.silu(emb))[:, None, None, :]
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = self.norm2(h) * (1 + scale) + shift
+            h = dropout(jax.nn.silu(self.norm2(h) * (1 + scale) + shift), self.dropout, dropout_key)
         else:
-            h = self.norm2(h + self.temb(jax.nn.silu(emb))[:, None, None, :])
-        h = dropout(jax.nn.silu(h), self.dropout, dropout_key)
+            if self.temb is not None:
+                h = add_channel_bias(h, self.temb(jax.nn.silu(emb)))
+            h = norm_silu(self.norm2, h, self.dropout, dropout_key)
         h = self.conv2(h)
         if self.skip is not None:
             x = self.skip(x)

@@ -238,7 +238,7 @@ class UNet(nnx.Module):
                     h = attend(attn, h)
             if level.resample is not None:
                 h = run(level.resample, h, emb, key())
-        return self.conv_out(jax.nn.silu(self.norm_out(h)))
+        return self.conv_out(layers.norm_silu(self.norm_out, h))
 
 
 def add_label_embedding(
