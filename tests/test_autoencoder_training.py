@@ -108,6 +108,7 @@ def test_hinge_and_adaptive_weight_closed_forms():
     assert float(adaptive_weight(jnp.ones(2), jnp.zeros(2))) == 1e4  # clipped
 
 
+@pytest.mark.slow  # compiles the LPIPS-weighted loss and gradient: ~33 s (LPIPS parity stays in the default run)
 def test_generator_loss_with_the_perceptual_term_is_ldms():
     """L_G = mean(sum |x - x_hat| + w * H * W * C * LPIPS) + kl_weight * mean KL with its gradient, and the
     adaptive weight from the gradient of that rec at the decoder's last layer (LDM's contperceptual.py)."""

@@ -135,6 +135,7 @@ def test_images_that_do_not_fit_the_autoencoder_are_refused(tmp_path):
         data.data_shape(latent_config(str(tmp_path / "nothing")))
 
 
+@pytest.mark.slow  # a latent training run with previews: ~20 s
 def test_a_latent_runs_grid_is_checked_before_step_1_and_draws_the_decoded_latents(cache):
     """The trainer's sample grid of a latent run (traced before step 1) draws the sampler's latents decoded."""
     import jax

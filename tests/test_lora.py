@@ -148,6 +148,7 @@ def latent_batch(diffusion):
             "tokens": jnp.asarray(text.tokens_of(diffusion.tokenizer, CAPTIONS))}
 
 
+@pytest.mark.slow  # four compiles of the SD UNet (two sampling, the train forward, its gradient): ~80 s on 2 cores
 def test_lora_dropout_acts_in_training_only():
     """With config.lora.dropout the train step's network (a dropout key given) runs the side branches with dropped
     inputs, and its gradient reaches the adapters only; sampling's (no key) is the merged network, as without

@@ -47,6 +47,7 @@ def test_import_writes_a_latent_text_run(workdir):
     assert not config.sampling.final_alpha_one and config.sampling.guidance_scale == 7.5
 
 
+@pytest.mark.slow  # SD 1.x pipeline images vs diffusers, DDIM and Euler: ~30 s (the UNet and scheduler parity stay in the default run)
 def test_sampling_matches_stable_diffusion_pipeline(workdir, expected, tmp_path):
     """StableDiffusionPipeline(prompts, latents, DDIM 4 steps, guidance 3) -> float images in [0, 1] (output_type
     "np"); diffax's decoded samples in [-1, 1] map to them by x / 2 + 0.5. Tolerance 1e-5 absolute on images of

@@ -62,6 +62,7 @@ def test_run_leaves_everything_in_the_workdir(reference):
     assert all(np.isfinite(v) for v in history.values())
 
 
+@pytest.mark.slow  # a second training run on 8 simulated devices: ~23 s (test_parallel keeps the 8-device forward)
 def test_eight_devices_give_the_same_losses(reference, tmp_path):
     run_diffax(toy_args(tmp_path), devices=8)
     one, eight = losses(reference), losses(tmp_path)
