@@ -492,16 +492,26 @@ def load_weights(model: nnx.Module, tensors: dict[str, np.ndarray], *, source, w
     otherwise UnsupportedDiffusersConfig names the offenders.
     """
     store = _Tensors(tensors)
+    copy_params(model, lambda path: _value_for(path, store, source), origin=lambda path: source(path)[0])
+    require_used(store, what)
+
+
+def copy_params(model: nnx.Module, value_of: Any, origin: Any = None) -> None:
+    """Set every nnx.Param of `model` to value_of(path), a checkpoint array of the same shape (origin(path):
+    the diffusers name, for the error)."""
     for path, var in nnx.iter_graph(model):
         if not isinstance(var, nnx.Param):
             continue
-        value = _value_for(tuple(path), store, source)
+        value = value_of(tuple(path))
         if value.shape != var.shape:
-            raise UnsupportedDiffusersConfig(
-                f"shape mismatch for {'/'.join(map(str, path))} (from {source(tuple(path))[0]}): "
-                f"checkpoint {value.shape}, diffax {var.shape}"
-            )
+            where = f" (from {origin(tuple(path))})" if origin is not None else ""
+            raise UnsupportedDiffusersConfig(f"shape mismatch for {'/'.join(map(str, path))}{where}: "
+                                             f"checkpoint {value.shape}, diffax {var.shape}")
         var.value = jnp.asarray(value, var.dtype)
+
+
+def require_used(store: Any, what: str) -> None:
+    """Every checkpoint tensor must have found its place in the diffax `what`."""
     unused = store.unused()
     if unused:
         raise UnsupportedDiffusersConfig(

@@ -18,7 +18,6 @@ import functools
 import os
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -26,7 +25,8 @@ from flax import nnx
 from diffax.errors import UserError
 from diffax.models import build_model
 from diffax.models.diffusers import (CONFIG_NAME, SCHEDULER_NAME, WEIGHTS_NAME, UnsupportedDiffusersConfig, _read_json,
-                                     _Tensors, class_options, component_dir, require, scheduler_config_to_diffax)
+                                     _Tensors, class_options, component_dir, copy_params, require, require_used,
+                                     scheduler_config_to_diffax)
 from diffax.models.mmdit import MMDiT, sd3_pos_embed
 
 # SD3Transformer2DModel.__init__ defaults (diffusers 0.42): used for keys a config.json lacks.
@@ -113,14 +113,7 @@ def load_sd3_weights(model: MMDiT, tensors: dict[str, np.ndarray], *, depth: int
     equal the one diffax computes. Otherwise UnsupportedDiffusersConfig names the offenders.
     """
     store = _Tensors(tensors)
-    for path, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Param):
-            continue
-        value = _value(tuple(path), store, depth)
-        if value.shape != var.shape:
-            raise UnsupportedDiffusersConfig(f"shape mismatch for {'/'.join(map(str, path))}: checkpoint "
-                                             f"{value.shape}, diffax {var.shape}")
-        var.value = jnp.asarray(value, var.dtype)
+    copy_params(model, lambda path: _value(path, store, depth))
     if "pos_embed.pos_embed" in tensors:
         stored = store.take("pos_embed.pos_embed")[0]
         max_size, base = model.pos_embed_args
@@ -128,10 +121,7 @@ def load_sd3_weights(model: MMDiT, tensors: dict[str, np.ndarray], *, depth: int
         if stored.shape != mine.shape or not np.allclose(stored, mine, atol=1e-4):
             raise UnsupportedDiffusersConfig("the checkpoint's pos_embed.pos_embed is not SD3's sin-cos table for "
                                              f"pos_embed_max_size={max_size}, sample_size / patch_size={base}")
-    unused = store.unused()
-    if unused:
-        raise UnsupportedDiffusersConfig(
-            f"{len(unused)} checkpoint tensors have no place in the diffax MMDiT: {', '.join(unused[:20])}")
+    require_used(store, "MMDiT")
 
 
 def load_diffusers_sd3_transformer(src_dir: str) -> tuple[ml_collections.ConfigDict, MMDiT]:
