@@ -496,6 +496,20 @@ def load_weights(model: nnx.Module, tensors: dict[str, np.ndarray], *, source, w
     require_used(store, what)
 
 
+def read_weights(path: str) -> dict[str, np.ndarray]:
+    """A diffusers safetensors file as numpy arrays; a missing or unreadable file is a UserError saying what to do."""
+    from safetensors.numpy import load_file
+
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: save the model with safe_serialization=True (diffusers' default); "
+                        "PyTorch .bin files are not read")
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated or invalid files
+        raise UserError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e}); it may be truncated. "
+                        "Download or copy it again.") from None
+
+
 def copy_params(model: nnx.Module, value_of: Any, origin: Any = None) -> None:
     """Set every nnx.Param of `model` to value_of(path), a checkpoint array of the same shape (origin(path):
     the diffusers name, for the error)."""
@@ -555,8 +569,6 @@ def load_diffusers_unet(src_dir: str) -> tuple[ml_collections.ConfigDict, UNet]:
     UNet2DModel(x NCHW, timestep).sample transposed. Unmappable options raise
     UnsupportedDiffusersConfig naming them; unused tensors are an error too.
     """
-    from safetensors.numpy import load_file
-
     unet_dir, scheduler_path = _locate(src_dir)
     model_fields, data_fields = unet_config_to_diffax(_read_json(os.path.join(unet_dir, CONFIG_NAME)))
     overrides = ml_collections.ConfigDict({"model": model_fields, "data": data_fields})
@@ -566,13 +578,7 @@ def load_diffusers_unet(src_dir: str) -> tuple[ml_collections.ConfigDict, UNet]:
         overrides.sampling = sampling
     shape = (data_fields["image_size"], data_fields["image_size"], data_fields["channels"])
     model = build_model(overrides.model, data_shape=shape, num_classes=0, rngs=nnx.Rngs(0))
-    weights = os.path.join(unet_dir, WEIGHTS_NAME)
-    try:
-        tensors = load_file(weights)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated or invalid files
-        raise UserError(f"{weights} cannot be read as safetensors ({type(e).__name__}: {e}); it may be truncated. "
-                        "Download or copy it again.") from None
-    load_unet_weights(model, tensors)
+    load_unet_weights(model, read_weights(os.path.join(unet_dir, WEIGHTS_NAME)))
     return overrides, model
 
 

@@ -22,10 +22,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from diffax.errors import UserError
 from diffax.models import build_model
 from diffax.models.diffusers import (CONFIG_NAME, SCHEDULER_NAME, WEIGHTS_NAME, UnsupportedDiffusersConfig, _read_json,
-                                     _Tensors, class_options, component_dir, copy_params, require, require_used,
+                                     _Tensors, class_options, component_dir, copy_params, read_weights, require,
+                                     require_used,
                                      scheduler_config_to_diffax)
 from diffax.models.mmdit import MMDiT, sd3_pos_embed
 
@@ -134,8 +134,6 @@ def load_diffusers_sd3_transformer(src_dir: str) -> tuple[ml_collections.ConfigD
     overrides.sampling. model(x NHWC, 1000 t, context=..., pooled=...) equals
     SD3Transformer2DModel(x NCHW, timestep=1000 t, ...).sample transposed.
     """
-    from safetensors.numpy import load_file
-
     folder = component_dir(src_dir, "transformer", "pass an SD3 pipeline folder (with transformer/) or an "
                            "SD3Transformer2DModel folder saved with safe_serialization=True")
     model_fields, data_fields, text = sd3_config_to_diffax(_read_json(os.path.join(folder, CONFIG_NAME)))
@@ -149,11 +147,5 @@ def load_diffusers_sd3_transformer(src_dir: str) -> tuple[ml_collections.ConfigD
     # abstract shapes only: every parameter is then set from the checkpoint (no random init of 2B weights)
     model = nnx.eval_shape(lambda: build_model(overrides.model, data_shape=(size, size, channels), num_classes=0,
                                                rngs=nnx.Rngs(0), **text))
-    weights = os.path.join(folder, WEIGHTS_NAME)
-    try:
-        tensors = load_file(weights)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated or invalid files
-        raise UserError(f"{weights} cannot be read as safetensors ({type(e).__name__}: {e}); it may be truncated. "
-                        "Download or copy it again.") from None
-    load_sd3_weights(model, tensors, depth=model_fields["depth"])
+    load_sd3_weights(model, read_weights(os.path.join(folder, WEIGHTS_NAME)), depth=model_fields["depth"])
     return overrides, model

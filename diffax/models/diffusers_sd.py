@@ -38,7 +38,6 @@ import os
 from typing import Any
 
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from diffax.errors import UserError
@@ -55,6 +54,7 @@ from diffax.models.diffusers import (
     load_diffusers_unet,
     load_weights,
     model_tensors,
+    read_weights,
     scheduler_config_to_diffax,
     transformer_source,
 )
@@ -245,19 +245,6 @@ def _cond_source_for(model_fields: dict[str, Any]):
     return lambda path: cond_source(path, linear_projection=linear)
 
 
-def _read_weights(path: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    if not os.path.exists(path):
-        raise UserError(f"{path} not found: save the model with safe_serialization=True (diffusers' default); "
-                        "PyTorch .bin files are not read")
-    try:
-        return load_file(path)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated or invalid files
-        raise UserError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e}); it may be truncated. "
-                        "Download or copy it again.") from None
-
-
 def load_cond_unet(unet_dir: str) -> tuple[dict[str, Any], int, dict[str, Any], nnx.Module]:
     """A UNet2DConditionModel folder -> (config.model fields, cross_attention_dim, latent data fields, diffax UNet
     with its weights). Tensors that do not match the config are errors naming them."""
@@ -271,7 +258,7 @@ def load_cond_unet(unet_dir: str) -> tuple[dict[str, Any], int, dict[str, Any], 
                                                pooled_dim=pooled_dim))
     weights = os.path.join(unet_dir, WEIGHTS_NAME)
     try:
-        load_weights(model, _read_weights(weights), source=_cond_source_for(model_fields), what="UNet")
+        load_weights(model, read_weights(weights), source=_cond_source_for(model_fields), what="UNet")
     except UnsupportedDiffusersConfig as e:
         config_path = os.path.join(unet_dir, CONFIG_NAME)
         raise UnsupportedDiffusersConfig(f"{weights} does not match {config_path}: {e}") from None
@@ -432,7 +419,7 @@ def load_vae_checked(vae_dir: str) -> dict[str, Any]:
     model = nnx.eval_shape(lambda: AutoencoderKL(**kwargs, rngs=nnx.Rngs(0)))
     weights = os.path.join(vae_dir, WEIGHTS_NAME)
     try:
-        load_weights(model, _read_weights(weights), source=diffusers_vae._source, what="AutoencoderKL")
+        load_weights(model, read_weights(weights), source=diffusers_vae._source, what="AutoencoderKL")
     except UnsupportedDiffusersConfig as e:
         config_path = os.path.join(vae_dir, CONFIG_NAME)
         raise UnsupportedDiffusersConfig(f"{weights} does not match {config_path}: {e}") from None
