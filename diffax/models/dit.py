@@ -52,6 +52,20 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+def patchify(x: Array, p: int) -> Array:
+    """[B, H, W, C] -> [B, (H / p) (W / p), p p C]: non-overlapping p x p patches as tokens, row-major."""
+    b, height, width, c = x.shape
+    gh, gw = height // p, width // p
+    return x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
+
+
+def unpatchify(tokens: Array, p: int, height: int, width: int) -> Array:
+    """The inverse of `patchify`: [B, (H / p) (W / p), p p C] -> [B, H, W, C]."""
+    b, c = tokens.shape[0], tokens.shape[-1] // (p * p)
+    out = tokens.reshape(b, height // p, width // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return out.reshape(b, height, width, c)
+
+
 class DiTBlock(nnx.Module):
     """Transformer block with adaLN-Zero: the modulation (shift, scale, gate) x 2 is regressed from the
     conditioning and zero-initialised, so every block starts as the identity."""
@@ -191,7 +205,6 @@ class DiT(nnx.Module):
         self.final_proj = layers.linear(hidden, patch * patch * out_ch, init=layers.zeros, **kw)
         self.patch = patch
         self.hidden = hidden
-        self.out_ch = out_ch
         self.remat = bool(remat)
         self.dtype = dtype
 
@@ -201,11 +214,9 @@ class DiT(nnx.Module):
     ) -> Array:
         """context [B, S, context_dim], context_mask [B, S], pooled [B, pooled_dim]: a text model's text embedding."""
         check_context(self.context_dim, context)
-        b, height, width, c = x.shape
-        p, gh, gw = self.patch, height // self.patch, width // self.patch
-        patches = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
-        pos = jnp.asarray(sincos_pos_embed_2d(self.hidden, gh, gw))
-        h = self.patch_embed(patches.astype(self.dtype)) + pos.astype(self.dtype)
+        b, height, width, _ = x.shape
+        pos = jnp.asarray(sincos_pos_embed_2d(self.hidden, height // self.patch, width // self.patch))
+        h = self.patch_embed(patchify(x, self.patch).astype(self.dtype)) + pos.astype(self.dtype)
 
         c_noise = jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), (b,))
         cond = self.time_mlp2(jax.nn.silu(self.time_mlp1(self.embed(c_noise).astype(self.dtype))))
@@ -216,6 +227,4 @@ class DiT(nnx.Module):
 
         h = scan_blocks(self.blocks, h, cond, dropout_key, remat=self.remat, context=context, context_mask=context_mask)
         shift, scale = jnp.split(self.final_adaln(jax.nn.silu(cond)), 2, axis=-1)
-        out = self.final_proj(modulate(layers.layer_norm(h), shift, scale))
-        out = out.reshape(b, gh, gw, p, p, self.out_ch).transpose(0, 1, 3, 2, 4, 5)
-        return out.reshape(b, height, width, self.out_ch)
+        return unpatchify(self.final_proj(modulate(layers.layer_norm(h), shift, scale)), self.patch, height, width)

@@ -34,17 +34,13 @@ from jax import lax
 
 from diffax.errors import UserError
 from diffax.models import layers
+from diffax.models.dit import modulate, patchify, unpatchify
 from diffax.models.embeddings import sincos_pos_embed_2d, timestep_embedding
-from diffax.models.unet import PooledEmbedding, check_context, heads_for
+from diffax.models.unet import PooledEmbedding, add_pooled_embedding, check_context, heads_for
 
 Array = jax.Array
 FREQUENCY_DIM = 256  # diffusers' Timesteps(256) in CombinedTimestepTextProjEmbeddings
 EPS = 1e-6  # every LayerNorm and RMSNorm of SD3
-
-
-def modulate(x: Array, shift: Array, scale: Array) -> Array:
-    """adaLN modulation x * (1 + scale) + shift, per example."""
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
 def rms_norm(x: Array, scale: Array) -> Array:
@@ -199,7 +195,7 @@ class MMDiT(nnx.Module):
         self.last_block = JointBlock(hidden, heads, float(mlp_ratio), context_pre_only=True, **block_kw)
         self.final_adaln = layers.linear(hidden, 2 * hidden, init=layers.zeros, **kw)
         self.final_proj = layers.linear(hidden, patch * patch * in_ch, init=layers.zeros, **kw)
-        self.patch, self.hidden, self.out_ch = patch, hidden, in_ch
+        self.patch, self.hidden = patch, hidden
         max_size = int(pos_embed_max_size) or max(height, width) // patch
         base = (int(sample_size) or max(height, width)) // patch
         self.pos_embed_args = (max_size, base)
@@ -215,22 +211,16 @@ class MMDiT(nnx.Module):
         if labels is not None:
             raise ValueError("labels were passed to an MMDiT, which is conditioned on text only")
         check_context(self.context_dim, context)
-        b, height, width, c = x.shape
-        p, gh, gw = self.patch, height // self.patch, width // self.patch
-        patches = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
+        b, height, width, _ = x.shape
+        gh, gw = height // self.patch, width // self.patch
         max_size, base = self.pos_embed_args
         pos = jnp.asarray(sd3_pos_embed(self.hidden, gh, gw, max_size=max_size, base_size=base))
-        h = self.patch_embed(patches.astype(self.dtype)) + pos.astype(self.dtype)
+        h = self.patch_embed(patchify(x, self.patch).astype(self.dtype)) + pos.astype(self.dtype)
 
         c_noise = jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), (b,))
         freq = timestep_embedding(c_noise, FREQUENCY_DIM, flip_sin_to_cos=True, freq_shift=0.0)
         cond = self.time_mlp2(jax.nn.silu(self.time_mlp1(freq.astype(self.dtype))))
-        if self.pooled_embed is not None:
-            if pooled is None:
-                raise ValueError("this MMDiT was built with pooled_dim > 0 and needs `pooled`")
-            cond = cond + self.pooled_embed(jnp.asarray(pooled, self.dtype))
-        elif pooled is not None:
-            raise ValueError("a pooled text embedding was passed to an MMDiT built with pooled_dim=0")
+        cond = add_pooled_embedding(cond, self.pooled_embed, pooled)
         ctx = self.context_embedder(jnp.asarray(context, self.dtype))
 
         mask = None
@@ -241,8 +231,7 @@ class MMDiT(nnx.Module):
 
         scale, shift = jnp.split(self.final_adaln(jax.nn.silu(cond)), 2, axis=-1)  # AdaLayerNormContinuous
         out = self.final_proj(modulate(layers.layer_norm(h, EPS), shift, scale))
-        out = out.reshape(b, gh, gw, p, p, self.out_ch).transpose(0, 1, 3, 2, 4, 5)
-        return out.reshape(b, height, width, self.out_ch)
+        return unpatchify(out, self.patch, height, width)
 
     def _blocks(self, h: Array, ctx: Array, cond: Array, mask: Array | None) -> tuple[Array, Array]:
         """The stacked blocks under one lax.scan (one block to compile whatever the depth), then the last."""
