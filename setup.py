@@ -40,5 +40,5 @@ setuptools.setup(
         # Only `diffax convert-inception` and the fixture scripts need PyTorch.
         "torch": ["torch"],
     },
-    entry_points={"console_scripts": ["diffax=diffax.cli:run"]},
+    entry_points={"console_scripts": ["diffax=diffax.cli:main"]},
 )

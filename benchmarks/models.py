@@ -46,7 +46,7 @@ from flax import nnx
 
 from benchmarks.common import matmul_flops
 from configs.default import get_config
-from diffax import compilation
+from diffax import compilation, host_memory
 from diffax.models import build_model, count_params
 from diffax.models.dit import parse_preset, scan_blocks, stacked_blocks
 from benchmarks.conv_rows import conv2d_rows
@@ -332,4 +332,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    host_memory.keep_freed_memory()  # as the `diffax` command runs
     main()

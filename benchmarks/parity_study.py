@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from benchmarks.torch_parity import DiffaxSide, TorchSide, torch_python
-from diffax import compilation
+from diffax import compilation, host_memory
 from diffax.models import layers
 
 
@@ -261,4 +261,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.keep_freed_memory()  # as the `diffax` command runs
     main()

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import jax
 
 from configs.default import get_config
-from diffax import compilation
+from diffax import compilation, host_memory
 from diffax.models.diffusers import load_diffusers_unet
 from diffax.training import inference
 from diffax.training.importing import merge
@@ -202,4 +202,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    host_memory.keep_freed_memory()  # as the `diffax` command runs
     main()

@@ -15,7 +15,7 @@ from typing import Callable
 from absl import flags, logging
 from ml_collections import config_flags
 
-from diffax import errors
+from diffax import errors, host_memory
 
 PROG = "diffax"
 
@@ -463,6 +463,13 @@ def _parse_error(command: Command, argv: list[str], error: Exception) -> str:
         return (f"{_config_file(argv)} has no get_config() function: a config file defines get_config() "
                 "(or get_config(arg)) returning an ml_collections.ConfigDict, as configs/default.py does.")
     return _override_error(command, argv) or str(error)
+
+
+def main() -> None:
+    """The `diffax` command: host memory set up first (before JAX's CPU client exists: its threads' first
+    allocations decide), then `run`. Tests call `run` in-process, where JAX has started already."""
+    host_memory.keep_freed_memory()
+    run()
 
 
 def run(argv: list[str] | None = None) -> None:
