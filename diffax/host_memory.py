@@ -5,12 +5,16 @@ batch 8, ~2 GB at batch 32) with malloc and frees it afterwards. glibc serves a 
 fresh mmap and gives it back with munmap, so every step page-faults all of it in again and the kernel zeroes
 every page: `clear_page_erms` was 26% of the process's CPU time in a batch-32 train step (perf), 560k minor
 faults per step. With one malloc arena, no mmap for large blocks and no trimming of the heap, the block is
-reused from the heap: no faults, and the step is faster (benchmarks/torch_parity.md, "Host memory").
+reused from the heap: no faults, and the step is faster (benchmarks/torch_parity.md, "Third round").
 
-The options only take effect for threads that have not allocated yet, so this runs before JAX creates its
-CPU client (the `diffax` command calls it first). Only where the backend will be the CPU (no accelerator
-plugin, or JAX_PLATFORMS=cpu) and the C library is glibc; `DIFFAX_HOST_MALLOC=system` keeps glibc's defaults.
-The cost: the process keeps its peak host memory until it exits.
+Opt-in, with `DIFFAX_HOST_MALLOC=reuse` in the environment: on the default digits run (a small model, the
+input pipeline's threads busy beside XLA's) it made training 25-40% slower, probably the single arena's lock
+traffic (6.6-7.6 against 9.5-10.9 steps/s), while the batch-32 UNet train step ran faster. The options only take
+effect for threads that have not allocated yet, so the `diffax` command calls this first, before JAX creates
+its CPU client; and only where the backend will be the CPU (no accelerator plugin, or JAX_PLATFORMS=cpu)
+and the C library is glibc. The cost: the process keeps its peak host memory until it exits, and the heap
+can fragment (a small block carved from a freed large one makes the next large request grow the heap; seen
+on a toy program, not on the UNet's train step).
 """
 from __future__ import annotations
 
@@ -37,8 +41,8 @@ def cpu_backend_expected() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's malloc to reuse freed blocks (see the module docstring); True if it did."""
-    if os.environ.get("DIFFAX_HOST_MALLOC", "").lower() == "system" or not cpu_backend_expected():
+    """With DIFFAX_HOST_MALLOC=reuse, set glibc's malloc to reuse freed blocks (module docstring); True if it did."""
+    if os.environ.get("DIFFAX_HOST_MALLOC", "").lower() != "reuse" or not cpu_backend_expected():
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
