@@ -25,8 +25,7 @@ from flax import nnx
 from diffax.models import build_model
 from diffax.models.diffusers import (CONFIG_NAME, SCHEDULER_NAME, WEIGHTS_NAME, UnsupportedDiffusersConfig, _read_json,
                                      _Tensors, class_options, component_dir, copy_params, read_weights, require,
-                                     require_used,
-                                     scheduler_config_to_diffax)
+                                     require_used, scheduler_config_to_diffax)
 from diffax.models.mmdit import MMDiT, sd3_pos_embed
 
 # SD3Transformer2DModel.__init__ defaults (diffusers 0.42): used for keys a config.json lacks.
