@@ -1,6 +1,7 @@
 """Page faults and kernel time per train step, the cost diffax/host_memory.py removes:
-`python -m benchmarks.host_memory [--batch 32] [--steps 4]` (glibc's defaults) and
-`DIFFAX_HOST_MALLOC=reuse python -m benchmarks.host_memory ...` (freed host memory kept for reuse).
+`python -m benchmarks.host_memory [--batch 32] [--steps 4]` (as the `diffax` command runs: the temporary
+buffer kept for reuse) and `DIFFAX_HOST_MALLOC=system python -m benchmarks.host_memory ...` (glibc's and
+JAX's defaults).
 
 The DDPM CIFAR-10 UNet's train step as benchmarks/torch_parity.py builds it (a random diffusers model,
 imported; needs the torch venv of that benchmark to write it). Prints, per step: wall seconds, minor page

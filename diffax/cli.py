@@ -466,8 +466,8 @@ def _parse_error(command: Command, argv: list[str], error: Exception) -> str:
 
 
 def main() -> None:
-    """The `diffax` command: host memory set up first (before JAX's CPU client exists: its threads' first
-    allocations decide), then `run`. Tests call `run` in-process, where JAX has started already."""
+    """The `diffax` command: host memory set up first (diffax/host_memory.py; before JAX's CPU client exists,
+    which reads the dispatch setting), then `run`. Tests call `run` in-process, where JAX has started already."""
     host_memory.keep_freed_memory()
     run()
 

@@ -1,20 +1,29 @@
-"""Keep freed host memory for reuse on the CPU backend (glibc's malloc options, set once at process start).
+"""Keep XLA:CPU's per-execution temporary buffer in the heap, so that it is not page-faulted in every step.
 
 XLA:CPU allocates each execution's temporary buffer (686 MB for the DDPM CIFAR-10 UNet's train step at
 batch 8, ~2 GB at batch 32) with malloc and frees it afterwards. glibc serves a block that large with a
 fresh mmap and gives it back with munmap, so every step page-faults all of it in again and the kernel zeroes
 every page: `clear_page_erms` was 26% of the process's CPU time in a batch-32 train step (perf), 560k minor
-faults per step. With one malloc arena, no mmap for large blocks and no trimming of the heap, the block is
-reused from the heap: no faults, and the step is faster (benchmarks/torch_parity.md, "Third round").
+faults per step; on the README's default digits run, 56 of its 390 CPU seconds were the kernel's.
 
-Opt-in, with `DIFFAX_HOST_MALLOC=reuse` in the environment: on the default digits run (a small model, the
-input pipeline's threads busy beside XLA's) it made training 25-40% slower, probably the single arena's lock
-traffic (6.6-7.6 against 9.5-10.9 steps/s), while the batch-32 UNet train step ran faster. The options only take
-effect for threads that have not allocated yet, so the `diffax` command calls this first, before JAX creates
-its CPU client; and only where the backend will be the CPU (no accelerator plugin, or JAX_PLATFORMS=cpu)
-and the C library is glibc. The cost: the process keeps its peak host memory until it exits, and the heap
-can fragment (a small block carved from a freed large one makes the next large request grow the heap; seen
-on a toy program, not on the UNet's train step).
+Two settings, made together by `keep_freed_memory()`:
+* XLA:CPU runs each single-device execution on the calling thread (`jax_cpu_enable_async_dispatch` off)
+  instead of a worker thread, so the buffer comes from the main thread's arena: glibc's main arena grows
+  the heap with brk and can hold a block of any size, while a thread's own arena is capped at 64 MB and
+  serves anything larger with mmap whatever the options below say.
+* glibc's `mallopt`: no mmap for large blocks and the heap never trimmed, so the freed block stays in the
+  heap and the next execution reuses it.
+
+Faster with no trade seen: the UNet train step 2.1 s against 2.6 s at batch 8 (0 faults per step against
+168k) and 8.2-8.6 s against 10.2-11.1 s at batch 32; the default digits run 208.5 s against 215.4 s, the
+kernel's time 5 s against 56 s; DDIM sampling level (benchmarks/torch_parity.md, "Fourth round"). Python
+can no longer run ahead of a CPU execution, which cost nothing measurable even on the digits run's ~90 ms
+steps. Values are untouched.
+
+Applied by the `diffax` command and the benchmarks first, before JAX creates its CPU client (the dispatch
+setting is read then), where the backend will be the CPU (no accelerator plugin, or JAX_PLATFORMS=cpu) and
+the C library is glibc; `DIFFAX_HOST_MALLOC=system` leaves both as they are. The cost: the process keeps its
+peak host memory until it exits (which it reaches anyway, every step).
 """
 from __future__ import annotations
 
@@ -24,11 +33,10 @@ import importlib.util
 import os
 import platform
 
-# mallopt parameters (glibc's malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-# one arena: a thread's own arena is capped at 64 MB and serves larger blocks by mmap whatever M_MMAP_MAX says;
-# no mmap: large blocks come from the heap; trim threshold -1 (SIZE_MAX in glibc): never give the top back.
-OPTIONS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+# mallopt parameters (glibc's malloc.h): no mmap for large blocks; trim threshold -1 (SIZE_MAX in glibc):
+# never give the top of the heap back.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+OPTIONS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 
 
 def cpu_backend_expected() -> bool:
@@ -41,11 +49,20 @@ def cpu_backend_expected() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """With DIFFAX_HOST_MALLOC=reuse, set glibc's malloc to reuse freed blocks (module docstring); True if it did."""
-    if os.environ.get("DIFFAX_HOST_MALLOC", "").lower() != "reuse" or not cpu_backend_expected():
+    """Run CPU executions on the calling thread and keep freed blocks in its heap (module docstring).
+
+    True if it did; False where `DIFFAX_HOST_MALLOC=system`, off the CPU, off glibc, or once JAX's backends
+    exist (the dispatch setting would no longer apply, and the heap setting alone does not help)."""
+    if os.environ.get("DIFFAX_HOST_MALLOC", "").lower() == "system" or not cpu_backend_expected():
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return False
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in OPTIONS)
