@@ -466,13 +466,12 @@ def _parse_error(command: Command, argv: list[str], error: Exception) -> str:
 
 
 def main() -> None:
-    """The `diffax` command: host memory set up first (diffax/host_memory.py; before JAX's CPU client exists,
-    which reads the dispatch setting), then `run`. Tests call `run` in-process, where JAX has started already."""
-    host_memory.keep_freed_memory()
-    run()
+    """The `diffax` command: `run` with the host memory set up (diffax/host_memory.py). Tests call `run`
+    in-process, where JAX has started already."""
+    run(prepare_host=True)
 
 
-def run(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None, prepare_host: bool = False) -> None:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())
@@ -508,6 +507,8 @@ def run(argv: list[str] | None = None) -> None:
         _fail(f"usage: {PROG} {name} {command.positional} [--flags]; got arguments {positional}.".replace("  ", " "))
 
     logging.set_verbosity(logging.INFO if os.environ.get("DIFFAX_VERBOSE") else logging.WARNING)
+    if prepare_host:  # once the input is checked (it imports JAX: 1.5 s), before JAX's CPU client exists
+        host_memory.keep_freed_memory()
     if command.distributed:
         from diffax import parallel
 

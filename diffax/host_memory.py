@@ -20,7 +20,8 @@ kernel's time 5 s against 56 s; DDIM sampling level (benchmarks/torch_parity.md,
 can no longer run ahead of a CPU execution, which cost nothing measurable even on the digits run's ~90 ms
 steps. Values are untouched.
 
-Applied by the `diffax` command and the benchmarks first, before JAX creates its CPU client (the dispatch
+Applied by the `diffax` command once its input is checked (importing JAX costs 1.5 s, which help and error
+messages need not pay) and by the benchmarks first; in both before JAX creates its CPU client (the dispatch
 setting is read then), where the backend will be the CPU (no accelerator plugin, or JAX_PLATFORMS=cpu) and
 the C library is glibc; `DIFFAX_HOST_MALLOC=system` leaves both as they are. The cost: the process keeps its
 peak host memory until it exits (which it reaches anyway, every step).

@@ -1,6 +1,7 @@
 """diffax/host_memory.py: XLA:CPU's per-execution temporary buffer is reused instead of page-faulted in again."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import subprocess
@@ -63,9 +64,15 @@ def test_cpu_backend_expected_reads_jax_platforms(monkeypatch):
     assert host_memory.cpu_backend_expected()
 
 
-def test_diffax_command_sets_it_first(monkeypatch, capsys):
+def test_diffax_command_sets_it_before_the_command_and_not_for_help(monkeypatch, capsys, tmp_path):
     calls = []
-    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append("host"))
     monkeypatch.setattr(sys, "argv", ["diffax", "--help"])
     cli.main()
-    assert calls == [1] and "train" in capsys.readouterr().out
+    assert calls == [] and "train" in capsys.readouterr().out  # help and bad input answer without JAX
+    command = dataclasses.replace(cli.COMMANDS["sweep"], main=lambda fv, positional: calls.append("command"))
+    monkeypatch.setitem(cli.COMMANDS, "sweep", command)
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits.py")
+    monkeypatch.setattr(sys, "argv", ["diffax", "sweep", "--config", config, "--workdir", str(tmp_path)])
+    cli.main()
+    assert calls == ["host", "command"]
